@@ -1,0 +1,20 @@
+"""hf_prefix_cache: vLLM-style automatic prefix caching for Hugging Face ``transformers``."""
+
+from .cache import PrefixCache, PrefixCacheFallbackWarning
+from .hook import install, is_installed, uninstall
+from .memory import parse_bytes
+from .stats import CacheStats, CallStats
+from .store import BlockStore
+
+__all__ = [
+    "BlockStore",
+    "CacheStats",
+    "CallStats",
+    "PrefixCache",
+    "PrefixCacheFallbackWarning",
+    "install",
+    "is_installed",
+    "parse_bytes",
+    "uninstall",
+]
+__version__ = "0.1.0"

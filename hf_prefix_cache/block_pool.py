@@ -1,0 +1,119 @@
+"""Block bookkeeping without tensors: ids, ref counts, the hash table and LRU eviction.
+
+Modelled on vLLM v1's ``block_pool.py``: every block is preallocated, a referenced block is never
+evicted, unreferenced blocks wait in an LRU queue (an ``OrderedDict``, so removal from the middle,
+append and pop are O(1)) and keep their hash until they are reused. A chain is released tail first, so
+the tail of a chain is evicted before its parents.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
+
+from .hashing import BlockHash
+
+# What a cached block must match besides its hash: (parent reference, token ids, extra keys). The parent
+# reference is ("block", id, generation) or ("root", namespace), so a hit implies the whole prefix matches.
+BlockKey = tuple[tuple[Hashable, ...], tuple[int, ...], tuple[Hashable, ...]]
+
+
+@dataclass(eq=False, slots=True)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    generation: int = 0  # bumped on reuse, so stale parent references never verify
+    block_hash: BlockHash | None = None
+    key: BlockKey | None = None
+
+    @property
+    def ref(self) -> tuple[Hashable, ...]:
+        """How a child block names this block as its parent."""
+        return ("block", self.block_id, self.generation)
+
+
+class BlockPool:
+    """Fixed set of blocks with ref counts, a verified hash table and an LRU queue of free blocks."""
+
+    def __init__(self, num_blocks: int):
+        if num_blocks < 1:
+            raise ValueError(f"a block pool needs at least one block, got num_blocks={num_blocks}")
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self.table: dict[BlockHash, Block] = {}
+        self.evictions = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self.table)
+
+    @property
+    def num_referenced(self) -> int:
+        return len(self.blocks) - len(self.free)
+
+    def lookup(self, block_hash: BlockHash, key: BlockKey) -> Block | None:
+        """The cached block for ``block_hash`` if its stored key matches; no ref-count change."""
+        block = self.table.get(block_hash)
+        if block is None or block.key != key:
+            return None
+        return block
+
+    def touch(self, block: Block) -> None:
+        """Take a reference; a block in use leaves the eviction queue."""
+        if block.ref_count == 0:
+            del self.free[block.block_id]
+        block.ref_count += 1
+
+    def allocate(self) -> Block | None:
+        """A referenced, empty block: the least recently used free one, evicted if cached. None if all are in use."""
+        if not self.free:
+            return None
+        _, block = self.free.popitem(last=False)
+        if block.block_hash is not None:
+            self._uncache(block)
+            self.evictions += 1
+        block.ref_count = 1
+        return block
+
+    def cache(self, block: Block, block_hash: BlockHash, key: BlockKey) -> None:
+        """Publish ``block`` under ``block_hash``; an unreferenced stale or colliding entry is dropped first."""
+        old = self.table.get(block_hash)
+        if old is not None:
+            if old.ref_count > 0:
+                raise RuntimeError("cannot replace a referenced block; check pool.table before caching")
+            self._uncache(old)
+            self.free.move_to_end(old.block_id, last=False)  # empty now: reuse it first
+        block.block_hash = block_hash
+        block.key = key
+        self.table[block_hash] = block
+
+    def release(self, blocks: Iterable[Block]) -> None:
+        """Drop one reference from each block; give chains in order, they are freed tail first."""
+        for block in reversed(list(blocks)):
+            if block.ref_count <= 0:
+                raise RuntimeError(f"block {block.block_id} released more often than it was referenced")
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block.block_id] = block
+                if block.block_hash is None:  # holds nothing: hand it out before any cached block
+                    self.free.move_to_end(block.block_id, last=False)
+
+    def clear(self) -> int:
+        """Forget every cached block (blocks still referenced are freed empty later); returns how many."""
+        dropped = list(self.table.values())
+        for block in dropped:
+            self._uncache(block)
+            if block.ref_count == 0:
+                self.free.move_to_end(block.block_id, last=False)
+        return len(dropped)
+
+    def _uncache(self, block: Block) -> None:
+        del self.table[block.block_hash]
+        block.block_hash = None
+        block.key = None
+        block.generation += 1

@@ -1,0 +1,382 @@
+"""``PrefixCache``: a transformers ``Cache`` whose prefix comes from, and whose K/V go to, a block store.
+
+A call has three steps. ``prepare`` looks the prompt up, references the longest verified chain of blocks
+(never the whole prompt: the last token is always computed) and places it in the layers. ``generate()``
+then computes only the rest, exactly as with a ``DynamicCache``. ``commit`` stores the full blocks of
+the prompt and of the reply from the captured K/V, then ``release`` drops the references and empties the
+layers, so nothing of one call leaks into the next.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache
+
+from .fingerprint import model_fingerprint, weights_version
+from .hashing import hash_blocks, root_hash
+from .layers import PrefixFullLayer, PrefixSlidingLayer
+from .layout import UnsupportedLayout, probe_layout
+from .prompt_rows import PromptRow, as_batch, reply_tokens, split_rows
+from .stats import CacheStats, CallStats
+from .store import BlockStore
+from .support import unsupported_reason
+
+logger = logging.getLogger(__name__)
+
+
+class PrefixCacheFallbackWarning(UserWarning):
+    """The cache is recomputing everything instead of reusing a prefix, and says why."""
+
+
+class _Call:
+    """What one prepared call holds between ``prepare`` and ``release``."""
+
+    def __init__(self, namespace: str, rows: list[PromptRow], loaded: int, width: int, expand: int):
+        self.namespace = namespace
+        self.root = root_hash(namespace)
+        self.rows = rows
+        self.loaded = loaded  # slots placed from the store (common left-padded cut)
+        self.width = width  # padded prompt length
+        self.expand = expand  # rows per prompt (num_beams / num_return_sequences)
+        self.rows_reordered = False  # beam search moved rows: only prompt slots are still per-prompt
+        self.rows_changed = False  # rows added or dropped: nothing can be attributed any more
+
+
+class PrefixCache(DynamicCache):
+    """A ``DynamicCache`` backed by a hashed, paged block store shared across ``generate()`` calls.
+
+    Args:
+        model: the causal LM this cache serves; its ``generate`` is wrapped (once, removably) so that
+            ``model.generate(..., past_key_values=cache)`` reuses prefixes without further code.
+        block_size: tokens per block (only full blocks are stored and reused).
+        max_memory: store size in bytes or as a string ("512MiB"); or give ``num_blocks``.
+        cache_salt: a namespace; caches with different salts never share blocks.
+        store: an existing ``BlockStore`` to share (e.g. ``cache.store``), for a second view.
+        extra_keys: hashed into every block, for anything besides tokens that changes K/V (an adapter).
+        install: wrap ``model.generate``; with ``False`` call ``prepare`` and ``commit`` yourself.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        block_size: int | None = None,
+        max_memory: int | str | None = None,
+        num_blocks: int | None = None,
+        cache_salt: str | None = None,
+        store: BlockStore | None = None,
+        extra_keys: tuple[Hashable, ...] = (),
+        install: bool = True,
+    ):
+        self.model = model
+        self.cache_salt = cache_salt
+        self.extra_keys = tuple(extra_keys)
+        self.fallback: str | None = unsupported_reason(model)
+        self.store: BlockStore | None = None
+        layers = None
+        if self.fallback is None:
+            try:
+                layouts = probe_layout(model)
+            except UnsupportedLayout as error:
+                self.fallback = str(error)
+            else:
+                self.store = self._resolve_store(layouts, store, block_size, max_memory, num_blocks)
+                layers = [
+                    PrefixSlidingLayer(layout.sliding_window) if layout.sliding_window else PrefixFullLayer()
+                    for layout in layouts
+                ]
+        if layers is None:
+            layers = DynamicCache(config=model.config.get_text_config(decoder=True)).layers
+            self._warn(
+                f"prefix reuse is off for this model: {self.fallback}; it will be recomputed every call"
+            )
+        Cache.__init__(self, layers=layers)
+        self._weights_version = -1
+        self._namespace = ""
+        self._call: _Call | None = None
+        self._warned: set[str] = set()
+        self.last_call = CallStats()
+        self.reset_stats()
+        if install:
+            from .hook import install as install_hook
+
+            install_hook(model)
+
+    @staticmethod
+    def _resolve_store(layouts, store, block_size, max_memory, num_blocks) -> BlockStore:
+        if store is None:
+            return BlockStore.sized(
+                layouts, block_size=block_size or 16, max_memory=max_memory, num_blocks=num_blocks
+            )
+        if not store.compatible_with(layouts):
+            raise ValueError(
+                "this store was built for a model with other K/V shapes or dtypes; make a new one"
+            )
+        if block_size is not None and block_size != store.block_size:
+            raise ValueError(f"block_size={block_size} differs from the shared store's {store.block_size}")
+        return store
+
+    # -- identity ----------------------------------------------------------------------------------
+    @property
+    def block_size(self) -> int:
+        return self.store.block_size if self.store else 0
+
+    @property
+    def namespace(self) -> str:
+        """Model fingerprint plus salt; recomputed when the weights were modified in place."""
+        version = weights_version(self.model)
+        if version != self._weights_version:
+            self._namespace = f"{model_fingerprint(self.model)}/{self.cache_salt or ''}"
+            if self._weights_version != -1:
+                logger.info("model weights changed: earlier blocks will no longer match")
+            self._weights_version = version
+        return self._namespace
+
+    def block_hashes(self, tokens: Sequence[int]) -> list[bytes]:
+        """Chained hashes of the full blocks of ``tokens`` in this cache's namespace."""
+        return hash_blocks(root_hash(self.namespace), tokens, self.block_size, self.extra_keys)
+
+    # -- one call ----------------------------------------------------------------------------------
+    def prepare(self, input_ids, attention_mask=None, *, num_expand: int = 1) -> PrefixCache:
+        """Fill this cache with the longest stored prefix of ``input_ids`` and return it.
+
+        Pass the same ``input_ids``/``attention_mask`` to ``generate()`` next; ``num_expand`` is
+        ``max(num_beams, num_return_sequences)``. Call ``commit`` (or ``release``) afterwards.
+        """
+        self.release()
+        ids = as_batch(input_ids)
+        mask = as_batch(attention_mask) if attention_mask is not None else None
+        rows = split_rows(ids, mask)
+        if self.store is None:
+            self._count(rows, loaded=0)
+            return self
+        namespace, size = self.namespace, self.block_size
+        root = root_hash(namespace)
+        for row in rows:
+            row.hashes = hash_blocks(root, row.tokens, size, self.extra_keys)
+            usable = (len(row.tokens) - 1) // size  # the last prompt token is always computed
+            row.hits = self.store.match(namespace, row.tokens, row.hashes, usable, self.extra_keys)
+        loaded = min(row.pad + len(row.hits) * size for row in rows)
+        self._call = _Call(namespace, rows, loaded, ids.shape[1], num_expand)
+        try:
+            if loaded > 0:
+                self._load(rows, loaded, num_expand)
+        except BaseException:
+            self.release()
+            raise
+        self._count(rows, loaded)
+        return self
+
+    def _load(self, rows: list[PromptRow], loaded: int, expand: int) -> None:
+        size = self.block_size
+        for index, layer in enumerate(self.layers):
+            window = getattr(layer, "sliding_window", None)
+            first = max(0, loaded - (window - 1)) if window else 0  # a window needs only its last slots
+            batch = []
+            for row in rows:
+                start, end = max(first - row.pad, 0), loaded - row.pad  # token range of this row
+                if end <= 0:
+                    batch.append(None)
+                    continue
+                first_block = start // size
+                keys, values = self.store.read(index, row.hits[first_block : math.ceil(end / size)])
+                offset = first_block * size
+                batch.append(
+                    (keys[:, start - offset : end - offset], values[:, start - offset : end - offset])
+                )
+            keys, values = _left_pad(batch, loaded - first, self.store.layouts[index])
+            if expand > 1:
+                keys, values = keys.repeat_interleave(expand, 0), values.repeat_interleave(expand, 0)
+            if window:
+                layer.load_prefix(keys, values, total_length=loaded)
+            else:
+                layer.load_prefix(keys, values)
+
+    def commit(
+        self, sequences: torch.Tensor | None = None, *, eos_token_id=None, pad_token_id=None
+    ) -> CallStats:
+        """Store the prompt's blocks (and the reply's, given ``generate()``'s ``sequences``), then release.
+
+        Rows that stopped early keep their reply up to the stop token; padding is never stored.
+        """
+        call, stats = self._call, self.last_call
+        try:
+            if call is not None and self.store is not None and not call.rows_changed:
+                if self.get_seq_length() >= call.width:  # the prompt was fully computed
+                    stats.stored_blocks = self._store_call(call, sequences, eos_token_id, pad_token_id)
+        finally:
+            self.release()
+        return stats
+
+    def release(self) -> None:
+        """Drop this call's block references and K/V; the store keeps what was committed."""
+        call, self._call = self._call, None
+        if call is not None and self.store is not None:
+            for row in call.rows:
+                self.store.release(row.hits)
+                row.hits = []
+        for layer in self.layers:
+            layer.reset()
+
+    def _store_call(self, call: _Call, sequences, eos_token_id, pad_token_id) -> int:
+        before = self.store.pool.num_cached
+        replies = self._replies(call, sequences, eos_token_id, pad_token_id)
+        for index, row in enumerate(call.rows):
+            for source in range(index * call.expand, (index + 1) * call.expand):
+                tokens = row.tokens + replies[source] if replies else row.tokens
+                tokens = tokens[: self.get_seq_length() - row.pad]  # slots that hold K/V
+                hashes = _extend_hashes(call.root, row.hashes, tokens, self.block_size, self.extra_keys)
+                chain = self.store.extend_chain(
+                    call.namespace, tokens, hashes, row.hits, self._writer(source, row.pad), self.extra_keys
+                )
+                self.store.release(chain[len(row.hits) :])
+                if not replies:
+                    break  # the prompt is the same in every expanded row
+        return max(0, self.store.pool.num_cached - before)
+
+    def _replies(self, call: _Call, sequences, eos_token_id, pad_token_id) -> list[list[int]] | None:
+        """Reply tokens per cache row, or None when rows can no longer be attributed to sequences."""
+        if sequences is None or call.rows_reordered:
+            return None
+        if sequences.dim() != 2 or sequences.shape[0] != len(call.rows) * call.expand:
+            return None
+        if sequences.shape[1] <= call.width:
+            return [[] for _ in range(sequences.shape[0])]
+        config = self.model.generation_config
+        eos = eos_token_id if eos_token_id is not None else config.eos_token_id
+        stop_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        pad = pad_token_id if pad_token_id is not None else config.pad_token_id
+        generated = sequences[:, call.width :].tolist()
+        prompts = sequences[:, : call.width].tolist()
+        replies = []
+        for source, tokens in enumerate(generated):
+            row = call.rows[source // call.expand]
+            if prompts[source][row.pad :] != row.tokens:
+                return None  # not the sequences of this call
+            replies.append(reply_tokens(tokens, stop_ids, pad))
+        return replies
+
+    def _writer(self, source: int, pad: int):
+        size = self.block_size
+
+        def write(positions: list[int], block_ids: list[int]) -> None:
+            slots = torch.tensor(
+                [pad + position * size + i for position in positions for i in range(size)], dtype=torch.long
+            )
+            for index, layer in enumerate(self.layers):
+                keys, values, first = layer.captured()
+                where = (slots - first).to(keys.device)
+                self.store.kv.write(
+                    index,
+                    block_ids,
+                    keys[source].index_select(1, where),
+                    values[source].index_select(1, where),
+                )
+
+        return write
+
+    # -- generate() integration ------------------------------------------------------------------
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self._call is not None:
+            self._call.rows_reordered = True
+        super().reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self._call is not None:
+            self._call.rows_changed = True
+        super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self._call is not None:
+            self._call.rows_changed = True
+        super().batch_select_indices(indices)
+
+    def crop(self, max_length: int) -> None:
+        if self._call is not None:
+            self._call.rows_changed = True
+        super().crop(max_length)
+
+    # -- stats -------------------------------------------------------------------------------------
+    def _count(self, rows: list[PromptRow], loaded: int) -> None:
+        prompt = sum(len(row.tokens) for row in rows)
+        hit = sum(max(0, loaded - row.pad) for row in rows)
+        self.last_call = CallStats(prompt_tokens=prompt, hit_tokens=hit, computed_tokens=prompt - hit)
+        self._calls += 1
+        self._prompt_tokens += prompt
+        self._hit_tokens += hit
+
+    def reset_stats(self) -> None:
+        """Zero the counters (the store's gauges are unaffected)."""
+        self._calls = self._prompt_tokens = self._hit_tokens = 0
+        self._evictions_at_reset = self.store.pool.evictions if self.store else 0
+
+    @property
+    def stats(self) -> CacheStats:
+        pool = self.store.pool if self.store else None
+        return CacheStats(
+            calls=self._calls,
+            prompt_tokens=self._prompt_tokens,
+            hit_tokens=self._hit_tokens,
+            computed_tokens=self._prompt_tokens - self._hit_tokens,
+            hit_rate=self._hit_tokens / self._prompt_tokens if self._prompt_tokens else 0.0,
+            stored_blocks=pool.num_cached if pool else 0,
+            free_blocks=len(pool.free) if pool else 0,
+            num_blocks=pool.num_blocks if pool else 0,
+            block_size=self.block_size,
+            evictions=pool.evictions - self._evictions_at_reset if pool else 0,
+            used_bytes=self.store.used_bytes if self.store else 0,
+            capacity_bytes=self.store.capacity_bytes if self.store else 0,
+            fallback=self.fallback,
+        )
+
+    def clear(self) -> int:
+        """Drop every stored block of the store (shared views included), e.g. after a weight update."""
+        self.release()
+        return self.store.clear() if self.store else 0
+
+    def _warn(self, message: str) -> None:
+        warned = self.__dict__.setdefault("_warned", set())
+        if message not in warned:
+            warned.add(message)
+            warnings.warn(message, PrefixCacheFallbackWarning, stacklevel=3)
+
+    def __repr__(self) -> str:
+        return f"PrefixCache({self.stats})"
+
+    def _repr_html_(self) -> str:
+        return self.stats._repr_html_()
+
+    def __getstate__(self) -> Any:
+        raise TypeError("a PrefixCache holds a live block store and cannot be pickled or deep-copied")
+
+
+def _extend_hashes(root: bytes, hashes: list[bytes], tokens: list[int], block_size: int, extra_keys) -> list:
+    """Hashes of all full blocks of ``tokens``, continuing the chain ``hashes`` of its first blocks."""
+    done = min(len(hashes), len(tokens) // block_size)
+    parent = hashes[done - 1] if done else root
+    return hashes[:done] + hash_blocks(parent, tokens[done * block_size :], block_size, extra_keys)
+
+
+def _left_pad(batch: list[tuple[torch.Tensor, torch.Tensor] | None], length: int, layout):
+    """Stack per-row ``[heads, n, dim]`` K/V into ``[rows, heads, length, dim]``, right-aligned.
+
+    Padding slots get zeros: the attention mask hides them, as it hides pad tokens without a cache.
+    """
+    if len(batch) == 1 and batch[0] is not None and batch[0][0].shape[1] == length:
+        return batch[0][0].unsqueeze(0), batch[0][1].unsqueeze(0)
+    shape = (len(batch), layout.num_heads, length, layout.head_dim)
+    keys = torch.zeros(shape, dtype=layout.dtype, device=layout.device)
+    values = torch.zeros(shape, dtype=layout.dtype, device=layout.device)
+    for index, item in enumerate(batch):
+        if item is not None:
+            n = item[0].shape[1]
+            keys[index, :, length - n :] = item[0]
+            values[index, :, length - n :] = item[1]
+    return keys, values

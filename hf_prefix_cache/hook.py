@@ -1,0 +1,132 @@
+"""The optional wrapper that makes ``model.generate(..., past_key_values=cache)`` reuse prefixes.
+
+``generate()`` never shows a cache its ``input_ids`` before the prefill, so something must look the prompt
+up first. The wrapper is installed once per model (idempotent), acts only when a ``PrefixCache`` is
+passed, and ``uninstall`` removes it. Users who want no patching call ``prepare``/``commit`` themselves.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+from transformers.generation.configuration_utils import GenerationMode
+
+from .compat import CACHE_KWARGS
+
+_MARK = "_hf_prefix_cache_original"
+EXACT_MODES = {
+    GenerationMode.GREEDY_SEARCH,
+    GenerationMode.SAMPLE,
+    GenerationMode.BEAM_SEARCH,
+    GenerationMode.BEAM_SAMPLE,
+}
+ASSISTED_KWARGS = (
+    "assistant_model",
+    "prompt_lookup_num_tokens",
+    "assistant_early_exit",
+    "assistant_tokenizer",
+)
+
+
+def install(model: torch.nn.Module) -> None:
+    """Wrap ``model.generate`` once; a no-op when already wrapped."""
+    if getattr(model.generate, _MARK, None) is not None:
+        return
+    original = model.generate
+
+    @functools.wraps(original)
+    def generate(*args: Any, **kwargs: Any):
+        cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
+        from .cache import PrefixCache
+
+        if not isinstance(cache, PrefixCache):
+            return original(*args, **kwargs)
+        return run_generate(cache, original, args, kwargs)
+
+    setattr(generate, _MARK, original)
+    model.generate = generate
+
+
+def uninstall(model: torch.nn.Module) -> bool:
+    """Remove the wrapper; returns whether one was installed."""
+    if getattr(model.__dict__.get("generate"), _MARK, None) is None:
+        return False
+    del model.__dict__["generate"]
+    return True
+
+
+def is_installed(model: torch.nn.Module) -> bool:
+    return getattr(model.generate, _MARK, None) is not None
+
+
+def run_generate(cache, original, args: tuple, kwargs: dict):
+    """One ``generate()`` call through ``cache``: prepare, generate, commit; release on any exception."""
+    config = _effective_config(cache.model, args, kwargs)
+    input_ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    reason = _call_fallback_reason(cache, config, input_ids, kwargs)
+    if reason is not None:
+        cache._warn(f"PrefixCache: {reason}; this call recomputes the whole prompt without the cache")
+        for key in CACHE_KWARGS:
+            kwargs.pop(key, None)
+        return original(*args, **kwargs)
+    attention_mask = kwargs.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = _inferred_mask(input_ids, config)
+    expand = max(config.num_beams or 1, config.num_return_sequences or 1)
+    cache.prepare(input_ids, attention_mask, num_expand=expand)
+    try:
+        output = original(*args, **kwargs)
+    except BaseException:
+        cache.release()
+        raise
+    sequences = output if isinstance(output, torch.Tensor) else getattr(output, "sequences", None)
+    cache.commit(sequences, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+    return output
+
+
+def _effective_config(model, args: tuple, kwargs: dict) -> GenerationConfig:
+    base = kwargs.get("generation_config")
+    if base is None and len(args) > 1 and isinstance(args[1], GenerationConfig):
+        base = args[1]
+    config = copy.deepcopy(base if base is not None else model.generation_config)
+    config.update(**{k: v for k, v in kwargs.items() if hasattr(config, k) and k not in CACHE_KWARGS})
+    return config
+
+
+def _call_fallback_reason(cache, config: GenerationConfig, input_ids, kwargs: dict) -> str | None:
+    if cache.store is None:
+        return None  # the whole model falls back; the cache acts as a plain DynamicCache
+    if any(kwargs.get(k) is not None for k in ASSISTED_KWARGS):
+        return "assisted / speculative decoding is not supported"
+    if input_ids is None:
+        return "calls without input_ids (inputs_embeds only) cannot be matched to stored tokens"
+    if (
+        not isinstance(input_ids, torch.Tensor)
+        or input_ids.dim() != 2
+        or input_ids.dtype
+        not in (
+            torch.long,
+            torch.int,
+        )
+    ):
+        return "inputs other than a [batch, length] tensor of token ids are not supported"
+    mode = config.get_generation_mode()
+    if mode not in EXACT_MODES:
+        return f"generation mode {mode.value!r} is not supported"
+    return None
+
+
+def _inferred_mask(input_ids: torch.Tensor, config: GenerationConfig) -> torch.Tensor | None:
+    """The mask generate() infers from pad tokens when none is given (pad present and not EOS)."""
+    pad = config.pad_token_id
+    if pad is None:
+        return None
+    eos = config.eos_token_id
+    eos = eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
+    if pad in eos or not bool((input_ids == pad).any()):
+        return None
+    return input_ids.ne(pad).long()

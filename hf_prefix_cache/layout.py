@@ -1,0 +1,69 @@
+"""What the K/V of each layer look like, learned from one real one-token forward pass.
+
+Probing beats reading configs: head counts, head sizes, dtypes and devices (accelerate may put layers on
+different devices) vary across model families, and the probe also reveals layers the store cannot
+serve (recurrent state, KV sharing, indexers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+from .compat import CACHE_KWARG
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    num_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    sliding_window: int | None = None
+
+    def block_bytes(self, block_size: int) -> int:
+        """Bytes one block of K and V takes in this layer."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_heads * block_size * self.head_dim * itemsize
+
+
+class UnsupportedLayout(Exception):
+    """The model's cache has layers that token blocks cannot reproduce."""
+
+
+def probe_layout(model: torch.nn.Module) -> list[LayerLayout]:
+    """Run one token through ``model`` and describe every cache layer; raise UnsupportedLayout if needed."""
+    config = model.config.get_text_config(decoder=True)
+    cache = DynamicCache(config=config)
+    token = getattr(config, "bos_token_id", None)
+    token = token[0] if isinstance(token, (list, tuple)) else token
+    input_ids = torch.tensor([[token if isinstance(token, int) else 0]], device=_input_device(model))
+    with torch.no_grad():
+        model(input_ids=input_ids, use_cache=True, **{CACHE_KWARG: cache})
+    layouts = []
+    for index, layer in enumerate(cache.layers):
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+            raise UnsupportedLayout(f"layer {index} keeps a {type(layer).__name__}, not per-token K/V")
+        if not layer.is_initialized or layer.keys is None or layer.keys.dim() != 4:
+            raise UnsupportedLayout(f"layer {index} stored no per-token K/V during a forward pass")
+        _, heads, _, head_dim = layer.keys.shape
+        window = layer.sliding_window if isinstance(layer, DynamicSlidingWindowLayer) else None
+        layouts.append(LayerLayout(heads, head_dim, layer.keys.dtype, layer.keys.device, window))
+    if not layouts:
+        raise UnsupportedLayout("the model stored nothing in its cache")
+    return layouts
+
+
+def _input_device(model: torch.nn.Module) -> torch.device:
+    embeddings = model.get_input_embeddings()
+    hook = getattr(embeddings, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    weight = getattr(embeddings, "weight", None)
+    if weight is not None and weight.device.type != "meta":
+        return weight.device
+    return model.device

@@ -1,0 +1,176 @@
+"""The shared block store: a ``BlockPool`` (bookkeeping) plus a ``KVPool`` (tensors) behind one lock.
+
+One store can back many ``PrefixCache`` views (threads, notebooks cells, tenants with their own salt);
+what they share is only what hashes, namespaces and tokens prove identical.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Hashable, Sequence
+
+import torch
+
+from .block_pool import Block, BlockPool
+from .hashing import BlockHash
+from .kv_pool import KVPool
+from .layout import LayerLayout, probe_layout
+from .memory import parse_bytes
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_MEMORY = "1GiB"
+# (chain positions of the new blocks, their ids) -> copies their K/V into the pool
+WriteBlocks = Callable[[list[int], list[int]], None]
+
+
+class BlockStore:
+    """Hashed, ref-counted, LRU-evicted K/V blocks, shared across ``generate()`` calls."""
+
+    def __init__(self, layouts: list[LayerLayout], *, block_size: int = 16, num_blocks: int):
+        if block_size < 1:
+            raise ValueError(f"block_size must be a positive number of tokens, got {block_size}")
+        self.layouts = layouts
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks)
+        self.kv = KVPool(layouts, num_blocks, block_size)
+        self.lock = threading.RLock()
+
+    @classmethod
+    def for_model(
+        cls,
+        model: torch.nn.Module,
+        *,
+        block_size: int = 16,
+        max_memory: int | str | None = None,
+        num_blocks: int | None = None,
+    ) -> BlockStore:
+        """A store sized for ``model`` from ``num_blocks`` or ``max_memory`` (default 1GiB)."""
+        return cls.sized(
+            probe_layout(model), block_size=block_size, max_memory=max_memory, num_blocks=num_blocks
+        )
+
+    @classmethod
+    def sized(
+        cls,
+        layouts: list[LayerLayout],
+        *,
+        block_size: int = 16,
+        max_memory: int | str | None = None,
+        num_blocks: int | None = None,
+    ) -> BlockStore:
+        """A store for ``layouts`` holding ``num_blocks`` blocks, or as many as fit in ``max_memory``."""
+        if num_blocks is not None and max_memory is not None:
+            raise ValueError("pass either num_blocks or max_memory, not both")
+        if num_blocks is None:
+            budget = parse_bytes(max_memory if max_memory is not None else DEFAULT_MAX_MEMORY)
+            per_block = sum(layout.block_bytes(block_size) for layout in layouts)
+            num_blocks = budget // per_block
+            if num_blocks < 1:
+                raise ValueError(f"max_memory={max_memory!r} is smaller than one block ({per_block} bytes)")
+        logger.info(
+            "block store: %d blocks of %d tokens over %d layers", num_blocks, block_size, len(layouts)
+        )
+        return cls(layouts, block_size=block_size, num_blocks=num_blocks)
+
+    # -- lookups -----------------------------------------------------------------------------------
+    def chain_key(
+        self, parent: Block | None, namespace: str, tokens: Sequence[int], extra_keys: tuple[Hashable, ...]
+    ):
+        parent_ref = parent.ref if parent is not None else ("root", namespace)
+        return (parent_ref, tuple(tokens), extra_keys)
+
+    def match(
+        self,
+        namespace: str,
+        tokens: Sequence[int],
+        hashes: Sequence[BlockHash],
+        max_blocks: int,
+        extra_keys: tuple[Hashable, ...] = (),
+    ) -> list[Block]:
+        """Reference and return the longest verified chain of cached blocks for ``tokens``."""
+        size = self.block_size
+        blocks: list[Block] = []
+        with self.lock:
+            for index in range(min(max_blocks, len(hashes))):
+                window = tokens[index * size : (index + 1) * size]
+                key = self.chain_key(blocks[-1] if blocks else None, namespace, window, extra_keys)
+                block = self.pool.lookup(hashes[index], key)
+                if block is None:
+                    break
+                self.pool.touch(block)
+                blocks.append(block)
+        return blocks
+
+    def read(self, layer: int, blocks: Sequence[Block]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kv.read(layer, [b.block_id for b in blocks])
+
+    # -- stores ------------------------------------------------------------------------------------
+    def extend_chain(
+        self,
+        namespace: str,
+        tokens: Sequence[int],
+        hashes: Sequence[BlockHash],
+        held: list[Block],
+        write: WriteBlocks,
+        extra_keys: tuple[Hashable, ...] = (),
+    ) -> list[Block]:
+        """Store the blocks of ``tokens`` after the referenced prefix ``held``; returns the referenced chain.
+
+        Existing identical blocks are reused (stored once). The chain stops early when the pool is full of
+        referenced blocks or a colliding block is in use. The caller releases the returned chain.
+        """
+        size = self.block_size
+        chain = list(held)
+        new_positions: list[int] = []
+        new_blocks: list[tuple[Block, BlockHash, tuple]] = []
+        with self.lock:
+            for index in range(len(chain), len(hashes)):
+                window = tokens[index * size : (index + 1) * size]
+                key = self.chain_key(chain[-1] if chain else None, namespace, window, extra_keys)
+                block = self.pool.lookup(hashes[index], key)
+                if block is not None:
+                    self.pool.touch(block)
+                else:
+                    occupant = self.pool.table.get(hashes[index])
+                    if occupant is not None and occupant.ref_count > 0:
+                        break
+                    block = self.pool.allocate()
+                    if block is None:
+                        break
+                    new_positions.append(index)
+                    new_blocks.append((block, hashes[index], key))
+                chain.append(block)
+            if new_blocks:
+                try:
+                    write(new_positions, [block.block_id for block, _, _ in new_blocks])
+                except BaseException:
+                    self.pool.release(chain)
+                    raise
+                for block, block_hash, key in new_blocks:
+                    self.pool.cache(block, block_hash, key)
+        return chain
+
+    def release(self, blocks: Sequence[Block]) -> None:
+        with self.lock:
+            self.pool.release(blocks)
+
+    def clear(self) -> int:
+        """Drop every stored block (e.g. after a weight update)."""
+        with self.lock:
+            return self.pool.clear()
+
+    # -- accounting --------------------------------------------------------------------------------
+    @property
+    def capacity_bytes(self) -> int:
+        return self.kv.capacity_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        return self.pool.num_cached * self.kv.block_bytes()
+
+    def compatible_with(self, layouts: list[LayerLayout]) -> bool:
+        return [(x.num_heads, x.head_dim, x.dtype) for x in layouts] == [
+            (x.num_heads, x.head_dim, x.dtype) for x in self.layouts
+        ]
