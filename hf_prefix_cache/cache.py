@@ -208,9 +208,9 @@ class PrefixCache(DynamicCache):
         """
         call, stats = self._call, self.last_call
         try:
-            if call is not None and self.store is not None and not call.rows_changed:
-                if self.get_seq_length() >= call.width:  # the prompt was fully computed
-                    stats.stored_blocks = self._store_call(call, sequences, eos_token_id, pad_token_id)
+            computed = call is not None and self.get_seq_length() >= call.width  # the prompt went through
+            if computed and self.store is not None and not call.rows_changed:
+                stats.stored_blocks = self._store_call(call, sequences, eos_token_id, pad_token_id)
         finally:
             self.release()
         return stats
