@@ -54,10 +54,15 @@ def split_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> 
 
 
 def reply_tokens(generated: list[int], stop_ids: set[int], pad_id: int | None) -> list[int]:
-    """The real part of a generated reply: up to and including the first stop token, never padding."""
+    """The real part of a generated reply: up to and including the first stop token, never padding.
+
+    A row that stopped (EOS, stop string, stopping criterion) is filled with pad tokens to the end, so a
+    trailing run of pad tokens is padding; a pad token the model generated mid-reply is text.
+    """
     for index, token in enumerate(generated):
         if token in stop_ids:
             return generated[: index + 1]
-        if token == pad_id:
-            return generated[:index]
-    return generated
+    end = len(generated)
+    while end and generated[end - 1] == pad_id:
+        end -= 1
+    return generated[:end]

@@ -134,8 +134,9 @@ class BlockStore:
                     self.pool.touch(block)
                 else:
                     occupant = self.pool.table.get(hashes[index])
-                    if occupant is not None and occupant.ref_count > 0:
-                        break
+                    pending = any(block_hash == hashes[index] for _, block_hash, _ in new_blocks)
+                    if pending or (occupant is not None and occupant.ref_count > 0):
+                        break  # a collision with a block in use: stop rather than overwrite it
                     block = self.pool.allocate()
                     if block is None:
                         break
