@@ -44,6 +44,7 @@ def test_cold_then_warm_shared_system_prompt(model):
 def test_three_turn_conversation_reuses_history_and_replies(model):
     cache = PrefixCache(model, block_size=BLOCK, num_blocks=256)
     history = random_ids(21, seed=5)
+    previous_prompt_len = 0
     for turn in range(3):
         expected, actual = cached_and_plain(model, cache, history)
         assert_same_output(expected, actual)

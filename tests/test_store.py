@@ -69,7 +69,7 @@ def test_stored_kv_read_back_in_order():
     tokens = list(range(10, 22))
     store_tokens(store, tokens)
     blocks = match(store, tokens)
-    keys, values = store.read(1, blocks)
+    keys, _ = store.read(1, blocks)
     assert keys.shape == (2, 12, 4)
     assert torch.equal(keys[0, :, 0], torch.arange(12, dtype=torch.float32))
 
@@ -86,7 +86,7 @@ def test_forced_hash_collision_never_returns_wrong_blocks(monkeypatch):
 def test_identical_blocks_are_stored_once():
     store = make_store(8)
     store_tokens(store, list(range(8)))
-    store_tokens(store, list(range(8)) + [50, 51, 52, 53])
+    store_tokens(store, [*range(8), 50, 51, 52, 53])
     assert store.pool.num_cached == 3
 
 
@@ -157,5 +157,5 @@ def test_parse_bytes(text, expected):
 
 @pytest.mark.parametrize("bad", ["lots", "12 parsecs", -5, 0])
 def test_parse_bytes_rejects_nonsense_with_a_hint(bad):
-    with pytest.raises(ValueError, match="512MiB|positive"):
+    with pytest.raises(ValueError, match=r"512MiB|positive"):
         parse_bytes(bad)
