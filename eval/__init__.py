@@ -1,0 +1,1 @@
+"""Benchmark harness for hf_prefix_cache: data, models and measurements."""
