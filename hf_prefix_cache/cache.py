@@ -267,18 +267,21 @@ class PrefixCache(DynamicCache):
         size = self.block_size
 
         def write(positions: list[int], block_ids: list[int]) -> None:
-            slots = torch.tensor(
-                [pad + position * size + i for position in positions for i in range(size)], dtype=torch.long
-            )
+            contiguous = positions == list(range(positions[0], positions[0] + len(positions)))
+            if contiguous:
+                start = pad + positions[0] * size
+                span = slice(start, start + len(positions) * size)
+            else:
+                slots = [pad + position * size + i for position in positions for i in range(size)]
             for index, layer in enumerate(self.layers):
                 keys, values, first = layer.captured()
-                where = (slots - first).to(keys.device)
-                self.store.kv.write(
-                    index,
-                    block_ids,
-                    keys[source].index_select(1, where),
-                    values[source].index_select(1, where),
-                )
+                if contiguous:  # views: the pool write is the only copy
+                    rows = slice(span.start - first, span.stop - first)
+                    picked_k, picked_v = keys[source, :, rows], values[source, :, rows]
+                else:
+                    where = torch.tensor(slots, device=keys.device) - first
+                    picked_k, picked_v = keys[source].index_select(1, where), values[source].index_select(1, where)
+                self.store.kv.write(index, block_ids, picked_k, picked_v)
 
         return write
 

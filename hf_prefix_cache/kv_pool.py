@@ -44,8 +44,13 @@ class KVPool:
     def write(self, layer: int, block_ids: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store ``keys``/``values`` (``[heads, len(block_ids) * block_size, head_dim]``) into ``block_ids``."""
         pool_k, pool_v = self.keys[layer], self.values[layer]
-        ids = self._ids(block_ids, pool_k.device)
         heads, _, block_size, head_dim = pool_k.shape
         shape = (heads, len(block_ids), block_size, head_dim)
-        pool_k.index_copy_(1, ids, keys.to(pool_k.device, pool_k.dtype).reshape(shape))
-        pool_v.index_copy_(1, ids, values.to(pool_v.device, pool_v.dtype).reshape(shape))
+        first = block_ids[0]
+        if block_ids == list(range(first, first + len(block_ids))):  # one strided copy, no index tensor
+            pool_k[:, first : first + len(block_ids)].copy_(keys.view(shape))
+            pool_v[:, first : first + len(block_ids)].copy_(values.view(shape))
+            return
+        ids = self._ids(block_ids, pool_k.device)
+        pool_k.index_copy_(1, ids, keys.reshape(shape).to(pool_k.device, pool_k.dtype))
+        pool_v.index_copy_(1, ids, values.reshape(shape).to(pool_v.device, pool_v.dtype))
