@@ -1,6 +1,7 @@
 """hf_prefix_cache: vLLM-style automatic prefix caching for Hugging Face ``transformers``."""
 
 from .cache import PrefixCache, PrefixCacheFallbackWarning
+from .explain import HitReport
 from .hook import install, is_installed, uninstall
 from .memory import parse_bytes
 from .stats import CacheStats, CallStats
@@ -10,6 +11,7 @@ __all__ = [
     "BlockStore",
     "CacheStats",
     "CallStats",
+    "HitReport",
     "PrefixCache",
     "PrefixCacheFallbackWarning",
     "install",

@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
+from .explain import HitReport, matched_length
 from .fingerprint import model_fingerprint, weights_version
 from .hashing import hash_blocks, root_hash
 from .layers import PrefixFullLayer, PrefixSlidingLayer
@@ -280,7 +281,10 @@ class PrefixCache(DynamicCache):
                     picked_k, picked_v = keys[source, :, rows], values[source, :, rows]
                 else:
                     where = torch.tensor(slots, device=keys.device) - first
-                    picked_k, picked_v = keys[source].index_select(1, where), values[source].index_select(1, where)
+                    picked_k, picked_v = (
+                        keys[source].index_select(1, where),
+                        values[source].index_select(1, where),
+                    )
                 self.store.kv.write(index, block_ids, picked_k, picked_v)
 
         return write
@@ -305,6 +309,34 @@ class PrefixCache(DynamicCache):
         if self._call is not None:
             self._call.rows_changed = True
         super().crop(max_length)
+
+    # -- inspection --------------------------------------------------------------------------------
+    def explain(self, prompt, tokenizer=None) -> HitReport:
+        """Where ``prompt`` (ids, a 1-row tensor, or text with ``tokenizer``) stops hitting the store.
+
+        Read-only: no references are kept and the counters do not move.
+        """
+        if isinstance(prompt, str):
+            if tokenizer is None:
+                raise ValueError("pass tokenizer= to explain a text prompt, or pass its token ids")
+            tokens = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        else:
+            tokens = as_batch(prompt)[0].tolist()
+        pieces = [tokenizer.decode([t]) for t in tokens] if tokenizer is not None else None
+        if self.store is None:
+            return HitReport(tokens, 0, 0, 0, pieces)
+        size, namespace = self.block_size, self.namespace
+        hashes = hash_blocks(root_hash(namespace), tokens, size, self.extra_keys)
+        blocks = self.store.match(namespace, tokens, hashes, len(hashes), self.extra_keys)
+        try:
+            parent_ref = blocks[-1].ref if blocks else ("root", namespace)
+            with self.store.lock:
+                children = [b.key[1] for b in self.store.pool.table.values() if b.key[0] == parent_ref]
+        finally:
+            self.store.release(blocks)
+        matched = len(blocks) * size + matched_length(children, tokens[len(blocks) * size :])
+        hit = min(len(blocks), (len(tokens) - 1) // size) * size
+        return HitReport(tokens, hit, matched, size, pieces)
 
     # -- stats -------------------------------------------------------------------------------------
     def _count(self, rows: list[PromptRow], loaded: int) -> None:

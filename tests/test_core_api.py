@@ -153,3 +153,17 @@ def test_max_memory_sizes_the_store(model):
     cache = PrefixCache(model, block_size=BLOCK, max_memory="64KiB")
     assert cache.stats.capacity_bytes <= 64 * 1024
     assert cache.stats.num_blocks == 64 * 1024 // (BLOCK * 2 * 2 * 2 * 16 * 4)
+
+
+def test_explain_shows_where_the_prompt_stops_hitting(model):
+    cache = PrefixCache(model, block_size=BLOCK, num_blocks=64)
+    stored = random_ids(30, seed=20)
+    run(model, cache, stored)
+    changed = stored.clone()
+    changed[0, 10] = (changed[0, 10] + 1) % 90 + 3  # a "timestamp" that differs at token 10
+    report = cache.explain(changed)
+    assert report.hit_tokens == 8 and report.matched_tokens == 10 and report.first_miss == 10
+    assert "first miss at token 10" in str(report) and "background" in report._repr_html_()
+    same = cache.explain(stored)
+    assert same.hit_tokens == 28 and same.first_miss is None
+    assert cache.store.pool.num_referenced == 0 and cache.stats.calls == 1  # read-only
