@@ -112,9 +112,9 @@ def test_forward_calls_behave_like_dynamic_cache(model):
     ids = random_ids(12, seed=13)
     with torch.no_grad():
         a = model(ids[:, :8], **{CACHE_KWARG: cache}).logits
-        b = model(ids[:, :8], past_key_values=plain).logits
+        b = model(ids[:, :8], **{CACHE_KWARG: plain}).logits
         c = model(ids[:, 8:], **{CACHE_KWARG: cache}).logits
-        d = model(ids[:, 8:], past_key_values=plain).logits
+        d = model(ids[:, 8:], **{CACHE_KWARG: plain}).logits
     assert torch.equal(a, b) and torch.equal(c, d)
     assert cache.get_seq_length() == plain.get_seq_length() == 12
 
