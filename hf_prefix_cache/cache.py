@@ -158,21 +158,20 @@ class PrefixCache(DynamicCache):
         if self.store is None:
             self._count(rows, loaded=0)
             return self
-        namespace, size = self.namespace, self.block_size
-        root = root_hash(namespace)
-        for row in rows:
-            row.hashes = hash_blocks(root, row.tokens, size, self.extra_keys)
-            usable = (len(row.tokens) - 1) // size  # the last prompt token is always computed
-            row.hits = self.store.match(namespace, row.tokens, row.hashes, usable, self.extra_keys)
-        loaded = min(row.pad + len(row.hits) * size for row in rows)
-        self._call = _Call(namespace, rows, loaded, ids.shape[1], num_expand)
+        size = self.block_size
+        call = self._call = _Call(self.namespace, rows, 0, ids.shape[1], num_expand)
         try:
-            if loaded > 0:
-                self._load(rows, loaded, num_expand)
+            for row in rows:
+                row.hashes = hash_blocks(call.root, row.tokens, size, self.extra_keys)
+                usable = (len(row.tokens) - 1) // size  # the last prompt token is always computed
+                row.hits = self.store.match(call.namespace, row.tokens, row.hashes, usable, self.extra_keys)
+            call.loaded = min(row.pad + len(row.hits) * size for row in rows)
+            if call.loaded > 0:
+                self._load(rows, call.loaded, num_expand)
         except BaseException:
             self.release()
             raise
-        self._count(rows, loaded)
+        self._count(rows, call.loaded)
         return self
 
     def _load(self, rows: list[PromptRow], loaded: int, expand: int) -> None:
