@@ -10,7 +10,6 @@ layers, so nothing of one call leaks into the next.
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from collections.abc import Hashable, Sequence
 from typing import Any
@@ -19,12 +18,14 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
+from .call_state import CallState, place_prefix
 from .explain import HitReport, matched_length
 from .fingerprint import model_fingerprint, weights_version
 from .hashing import hash_blocks, root_hash
 from .layers import PrefixFullLayer, PrefixSlidingLayer
 from .layout import UnsupportedLayout, probe_layout
-from .prompt_rows import PromptRow, as_batch, reply_tokens, split_rows
+from .prompt_rows import PromptRow, as_batch, split_rows
+from .recording import record_call, replies_of
 from .stats import CacheStats, CallStats
 from .store import BlockStore
 from .support import unsupported_reason
@@ -34,20 +35,6 @@ logger = logging.getLogger(__name__)
 
 class PrefixCacheFallbackWarning(UserWarning):
     """The cache is recomputing everything instead of reusing a prefix, and says why."""
-
-
-class _Call:
-    """What one prepared call holds between ``prepare`` and ``release``."""
-
-    def __init__(self, namespace: str, rows: list[PromptRow], loaded: int, width: int, expand: int):
-        self.namespace = namespace
-        self.root = root_hash(namespace)
-        self.rows = rows
-        self.loaded = loaded  # slots placed from the store (common left-padded cut)
-        self.width = width  # padded prompt length
-        self.expand = expand  # rows per prompt (num_beams / num_return_sequences)
-        self.rows_reordered = False  # beam search moved rows: only prompt slots are still per-prompt
-        self.rows_changed = False  # rows added or dropped: nothing can be attributed any more
 
 
 class PrefixCache(DynamicCache):
@@ -101,7 +88,7 @@ class PrefixCache(DynamicCache):
         Cache.__init__(self, layers=layers)
         self._weights_version = -1
         self._namespace = ""
-        self._call: _Call | None = None
+        self._call: CallState | None = None
         self._warned: set[str] = set()
         self.last_call = CallStats()
         self.reset_stats()
@@ -159,7 +146,7 @@ class PrefixCache(DynamicCache):
             self._count(rows, loaded=0)
             return self
         size = self.block_size
-        call = self._call = _Call(self.namespace, rows, 0, ids.shape[1], num_expand)
+        call = self._call = CallState(self.namespace, rows, ids.shape[1], num_expand)
         try:
             for row in rows:
                 row.hashes = hash_blocks(call.root, row.tokens, size, self.extra_keys)
@@ -167,37 +154,12 @@ class PrefixCache(DynamicCache):
                 row.hits = self.store.match(call.namespace, row.tokens, row.hashes, usable, self.extra_keys)
             call.loaded = min(row.pad + len(row.hits) * size for row in rows)
             if call.loaded > 0:
-                self._load(rows, call.loaded, num_expand)
+                place_prefix(self.layers, self.store, call)
         except BaseException:
             self.release()
             raise
         self._count(rows, call.loaded)
         return self
-
-    def _load(self, rows: list[PromptRow], loaded: int, expand: int) -> None:
-        size = self.block_size
-        for index, layer in enumerate(self.layers):
-            window = getattr(layer, "sliding_window", None)
-            first = max(0, loaded - (window - 1)) if window else 0  # a window needs only its last slots
-            batch = []
-            for row in rows:
-                start, end = max(first - row.pad, 0), loaded - row.pad  # token range of this row
-                if end <= 0:
-                    batch.append(None)
-                    continue
-                first_block = start // size
-                keys, values = self.store.read(index, row.hits[first_block : math.ceil(end / size)])
-                offset = first_block * size
-                batch.append(
-                    (keys[:, start - offset : end - offset], values[:, start - offset : end - offset])
-                )
-            keys, values = _left_pad(batch, loaded - first, self.store.layouts[index])
-            if expand > 1:
-                keys, values = keys.repeat_interleave(expand, 0), values.repeat_interleave(expand, 0)
-            if window:
-                layer.load_prefix(keys, values, total_length=loaded)
-            else:
-                layer.load_prefix(keys, values)
 
     def commit(
         self, sequences: torch.Tensor | None = None, *, eos_token_id=None, pad_token_id=None
@@ -210,7 +172,10 @@ class PrefixCache(DynamicCache):
         try:
             computed = call is not None and self.get_seq_length() >= call.width  # the prompt went through
             if computed and self.store is not None and not call.rows_changed:
-                stats.stored_blocks = self._store_call(call, sequences, eos_token_id, pad_token_id)
+                before = self.store.pool.num_cached
+                replies = replies_of(call, sequences, *self._stop_and_pad(eos_token_id, pad_token_id))
+                record_call(self.layers, self.store, call, replies, self.get_seq_length(), self.extra_keys)
+                stats.stored_blocks = max(0, self.store.pool.num_cached - before)
         finally:
             self.release()
         return stats
@@ -225,68 +190,11 @@ class PrefixCache(DynamicCache):
         for layer in self.layers:
             layer.reset()
 
-    def _store_call(self, call: _Call, sequences, eos_token_id, pad_token_id) -> int:
-        before = self.store.pool.num_cached
-        replies = self._replies(call, sequences, eos_token_id, pad_token_id)
-        for index, row in enumerate(call.rows):
-            for source in range(index * call.expand, (index + 1) * call.expand):
-                tokens = row.tokens + replies[source] if replies else row.tokens
-                tokens = tokens[: self.get_seq_length() - row.pad]  # slots that hold K/V
-                hashes = _extend_hashes(call.root, row.hashes, tokens, self.block_size, self.extra_keys)
-                chain = self.store.extend_chain(
-                    call.namespace, tokens, hashes, row.hits, self._writer(source, row.pad), self.extra_keys
-                )
-                self.store.release(chain[len(row.hits) :])
-                if not replies:
-                    break  # the prompt is the same in every expanded row
-        return max(0, self.store.pool.num_cached - before)
-
-    def _replies(self, call: _Call, sequences, eos_token_id, pad_token_id) -> list[list[int]] | None:
-        """Reply tokens per cache row, or None when rows can no longer be attributed to sequences."""
-        if sequences is None or call.rows_reordered:
-            return None
-        if sequences.dim() != 2 or sequences.shape[0] != len(call.rows) * call.expand:
-            return None
-        if sequences.shape[1] <= call.width:
-            return [[] for _ in range(sequences.shape[0])]
+    def _stop_and_pad(self, eos_token_id, pad_token_id) -> tuple[set[int], int | None]:
         config = self.model.generation_config
         eos = eos_token_id if eos_token_id is not None else config.eos_token_id
         stop_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-        pad = pad_token_id if pad_token_id is not None else config.pad_token_id
-        generated = sequences[:, call.width :].tolist()
-        prompts = sequences[:, : call.width].tolist()
-        replies = []
-        for source, tokens in enumerate(generated):
-            row = call.rows[source // call.expand]
-            if prompts[source][row.pad :] != row.tokens:
-                return None  # not the sequences of this call
-            replies.append(reply_tokens(tokens, stop_ids, pad))
-        return replies
-
-    def _writer(self, source: int, pad: int):
-        size = self.block_size
-
-        def write(positions: list[int], block_ids: list[int]) -> None:
-            contiguous = positions == list(range(positions[0], positions[0] + len(positions)))
-            if contiguous:
-                start = pad + positions[0] * size
-                span = slice(start, start + len(positions) * size)
-            else:
-                slots = [pad + position * size + i for position in positions for i in range(size)]
-            for index, layer in enumerate(self.layers):
-                keys, values, first = layer.captured()
-                if contiguous:  # views: the pool write is the only copy
-                    rows = slice(span.start - first, span.stop - first)
-                    picked_k, picked_v = keys[source, :, rows], values[source, :, rows]
-                else:
-                    where = torch.tensor(slots, device=keys.device) - first
-                    picked_k, picked_v = (
-                        keys[source].index_select(1, where),
-                        values[source].index_select(1, where),
-                    )
-                self.store.kv.write(index, block_ids, picked_k, picked_v)
-
-        return write
+        return stop_ids, pad_token_id if pad_token_id is not None else config.pad_token_id
 
     # -- generate() integration ------------------------------------------------------------------
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -389,28 +297,3 @@ class PrefixCache(DynamicCache):
 
     def __getstate__(self) -> Any:
         raise TypeError("a PrefixCache holds a live block store and cannot be pickled or deep-copied")
-
-
-def _extend_hashes(root: bytes, hashes: list[bytes], tokens: list[int], block_size: int, extra_keys) -> list:
-    """Hashes of all full blocks of ``tokens``, continuing the chain ``hashes`` of its first blocks."""
-    done = min(len(hashes), len(tokens) // block_size)
-    parent = hashes[done - 1] if done else root
-    return hashes[:done] + hash_blocks(parent, tokens[done * block_size :], block_size, extra_keys)
-
-
-def _left_pad(batch: list[tuple[torch.Tensor, torch.Tensor] | None], length: int, layout):
-    """Stack per-row ``[heads, n, dim]`` K/V into ``[rows, heads, length, dim]``, right-aligned.
-
-    Padding slots get zeros: the attention mask hides them, as it hides pad tokens without a cache.
-    """
-    if len(batch) == 1 and batch[0] is not None and batch[0][0].shape[1] == length:
-        return batch[0][0].unsqueeze(0), batch[0][1].unsqueeze(0)
-    shape = (len(batch), layout.num_heads, length, layout.head_dim)
-    keys = torch.zeros(shape, dtype=layout.dtype, device=layout.device)
-    values = torch.zeros(shape, dtype=layout.dtype, device=layout.device)
-    for index, item in enumerate(batch):
-        if item is not None:
-            n = item[0].shape[1]
-            keys[index, :, length - n :] = item[0]
-            values[index, :, length - n :] = item[1]
-    return keys, values

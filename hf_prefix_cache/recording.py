@@ -1,0 +1,81 @@
+"""Storing a finished call: the full blocks of each prompt and, where rows can still be attributed to
+``generate()``'s sequences, of each reply, read from the K/V the layers captured."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+import torch
+
+from .call_state import CallState
+from .hashing import hash_blocks
+from .prompt_rows import reply_tokens
+from .store import BlockStore, WriteBlocks
+
+
+def record_call(
+    layers: list,
+    store: BlockStore,
+    call: CallState,
+    replies: list[list[int]] | None,
+    slots: int,
+    extra_keys: tuple[Hashable, ...],
+) -> None:
+    """Store every row's prompt (+ reply) blocks whose K/V exist in the first ``slots`` slots."""
+    for index, row in enumerate(call.rows):
+        for source in range(index * call.expand, (index + 1) * call.expand):
+            tokens = row.tokens + replies[source] if replies else row.tokens
+            tokens = tokens[: slots - row.pad]
+            hashes = extend_hashes(call.root, row.hashes, tokens, store.block_size, extra_keys)
+            writer = block_writer(layers, store, source, row.pad)
+            chain = store.extend_chain(call.namespace, tokens, hashes, row.hits, writer, extra_keys)
+            store.release(chain[len(row.hits) :])
+            if not replies:
+                break  # without replies every expanded row holds the same prompt
+
+
+def replies_of(call: CallState, sequences, stop_ids: set[int], pad_id: int | None) -> list[list[int]] | None:
+    """Reply tokens per cache row, or None when rows can no longer be attributed to ``sequences``."""
+    if sequences is None or call.rows_reordered:
+        return None
+    if sequences.dim() != 2 or sequences.shape[0] != len(call.rows) * call.expand:
+        return None
+    prompts = sequences[:, : call.width].tolist()
+    generated = sequences[:, call.width :].tolist()
+    replies = []
+    for source, tokens in enumerate(generated):
+        row = call.rows[source // call.expand]
+        if prompts[source][row.pad :] != row.tokens:
+            return None  # not the sequences of this call
+        replies.append(reply_tokens(tokens, stop_ids, pad_id))
+    return replies
+
+
+def extend_hashes(root: bytes, hashes: list[bytes], tokens: list[int], block_size: int, extra_keys) -> list:
+    """Hashes of all full blocks of ``tokens``, continuing the chain ``hashes`` of its first blocks."""
+    done = min(len(hashes), len(tokens) // block_size)
+    parent = hashes[done - 1] if done else root
+    return hashes[:done] + hash_blocks(parent, tokens[done * block_size :], block_size, extra_keys)
+
+
+def block_writer(layers: list, store: BlockStore, source: int, pad: int) -> WriteBlocks:
+    """Copies the captured K/V of cache row ``source`` for the given chain positions into the pool."""
+    size = store.block_size
+
+    def write(positions: list[int], block_ids: list[int]) -> None:
+        contiguous = positions == list(range(positions[0], positions[0] + len(positions)))
+        slots = [pad + position * size + i for position in positions for i in range(size)]
+        for index, layer in enumerate(layers):
+            keys, values, first = layer.captured()
+            if contiguous:  # views: the pool write is the only copy
+                span = slice(slots[0] - first, slots[-1] + 1 - first)
+                picked_k, picked_v = keys[source, :, span], values[source, :, span]
+            else:
+                where = torch.tensor(slots, device=keys.device) - first
+                picked_k, picked_v = (
+                    keys[source].index_select(1, where),
+                    values[source].index_select(1, where),
+                )
+            store.kv.write(index, block_ids, picked_k, picked_v)
+
+    return write
