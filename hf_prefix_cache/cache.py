@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache
 
 from .call_state import CallState, place_prefix
 from .explain import HitReport, matched_length
-from .fingerprint import model_fingerprint, weights_version
+from .fingerprint import WeightsWatch, model_fingerprint
 from .hashing import hash_blocks, root_hash
 from .layers import PrefixFullLayer, PrefixSlidingLayer
 from .layout import UnsupportedLayout, probe_layout
@@ -86,7 +86,8 @@ class PrefixCache(DynamicCache):
                 f"prefix reuse is off for this model: {self.fallback}; it will be recomputed every call"
             )
         Cache.__init__(self, layers=layers)
-        self._weights_version = -1
+        self._watch = WeightsWatch(model)
+        self._dtypes_and_devices = self._watch.dtypes_and_devices()
         self._namespace = ""
         self._call: CallState | None = None
         self._warned: set[str] = set()
@@ -118,14 +119,19 @@ class PrefixCache(DynamicCache):
 
     @property
     def namespace(self) -> str:
-        """Model fingerprint plus salt; recomputed when the weights were modified in place."""
-        version = weights_version(self.model)
-        if version != self._weights_version:
+        """Model fingerprint plus salt; recomputed when the weights were replaced, cast, moved or written."""
+        if self._watch.changed():
+            known = bool(self._namespace)
             self._namespace = f"{model_fingerprint(self.model)}/{self.cache_salt or ''}"
-            if self._weights_version != -1:
+            if known:
                 logger.info("model weights changed: earlier blocks will no longer match")
-            self._weights_version = version
         return self._namespace
+
+    def stale_reason(self) -> str | None:
+        """Why stored K/V cannot be used with the model as it is now (its dtype or device changed)."""
+        if self.store is not None and self._watch.dtypes_and_devices() != self._dtypes_and_devices:
+            return "the model's dtype or device changed after this PrefixCache was made; create a new one"
+        return None
 
     def block_hashes(self, tokens: Sequence[int]) -> list[bytes]:
         """Chained hashes of the full blocks of ``tokens`` in this cache's namespace."""
@@ -139,6 +145,8 @@ class PrefixCache(DynamicCache):
         ``max(num_beams, num_return_sequences)``. Call ``commit`` (or ``release``) afterwards.
         """
         self.release()
+        if (reason := self.stale_reason()) is not None:
+            raise RuntimeError(reason)
         ids = as_batch(input_ids)
         mask = as_batch(attention_mask) if attention_mask is not None else None
         rows = split_rows(ids, mask)

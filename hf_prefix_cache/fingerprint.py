@@ -2,8 +2,10 @@
 
 Blocks computed by one model must never be served to another, nor to the same model after its weights
 changed. Hashing every weight is too slow to do per call, so the fingerprint hashes a fixed strided
-sample of each parameter (stable across processes), and ``weights_version`` (the sum of the parameters'
-in-place version counters, a few microseconds) tells within a process when to recompute it.
+sample of each parameter (stable across processes), and ``WeightsWatch`` decides cheaply, per call,
+when to recompute it: it compares each parameter's storage, version counter, dtype and device, plus one
+probed element per parameter (writes through ``param.data`` bypass the version counter; EMA updates and
+adapter merges change every element, so the probe sees them).
 """
 
 from __future__ import annotations
@@ -18,13 +20,12 @@ from .hashing import HASH_SEED
 _SAMPLES_PER_PARAMETER = 64
 
 
-def weights_version(model: torch.nn.Module) -> int:
-    """Changes whenever a parameter is modified in place (optimizer steps, ``load_state_dict``, ``copy_``)."""
-    return sum(p._version for p in model.parameters())
-
-
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """Hex digest of class, config, dtype and sampled weights."""
+    """Hex digest of class, config, dtype and sampled weights.
+
+    Weights offloaded to the meta device (accelerate) cannot be read: such a model gets a process-local
+    identity instead, so it never shares blocks with another model object.
+    """
     config = {
         key: value
         for key, value in model.config.to_dict().items()
@@ -36,10 +37,40 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     with torch.no_grad():
         for name, param in model.named_parameters():
             hasher.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
-            if param.device.type == "meta":  # offloaded to disk by accelerate: shape only
+            if param.device.type == "meta":
+                hasher.update(f"offloaded, process-local model {id(model)}".encode())
                 continue
             flat = param.detach().reshape(-1)
             step = max(1, flat.numel() // _SAMPLES_PER_PARAMETER)
             sample = flat[::step][:_SAMPLES_PER_PARAMETER].to("cpu", torch.float64)
             hasher.update(sample.numpy().tobytes())
     return hasher.digest().hex()
+
+
+class WeightsWatch:
+    """Tells, in about a millisecond, whether the model's weights may have changed since the last look."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.parameters = list(model.parameters())
+        self._last: tuple | None = None
+
+    def _state(self) -> tuple:
+        with torch.no_grad():
+            identity = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters)
+            probes = [
+                p.detach().reshape(-1)[p.numel() // 2] for p in self.parameters if p.device.type != "meta"
+            ]
+            by_device: dict[torch.device, list[torch.Tensor]] = {}
+            for probe in probes:
+                by_device.setdefault(probe.device, []).append(probe.to(torch.float64))
+            values = tuple(v for group in by_device.values() for v in torch.stack(group).cpu().tolist())
+        return identity, values
+
+    def changed(self) -> bool:
+        """True on the first call and whenever a parameter was replaced, cast, moved or written."""
+        state = self._state()
+        changed, self._last = state != self._last, state
+        return changed
+
+    def dtypes_and_devices(self) -> set[tuple[torch.dtype, torch.device]]:
+        return {(p.dtype, p.device) for p in self.parameters}

@@ -16,6 +16,7 @@ from transformers import GenerationConfig
 from transformers.generation.configuration_utils import GenerationMode
 
 from .compat import CACHE_KWARGS
+from .prompt_rows import is_left_padded
 
 _MARK = "_hf_prefix_cache_original"
 EXACT_MODES = {
@@ -68,14 +69,16 @@ def run_generate(cache, original, args: tuple, kwargs: dict):
     config = _effective_config(cache.model, args, kwargs)
     input_ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
     reason = _call_fallback_reason(cache, config, input_ids, kwargs)
+    attention_mask = kwargs.get("attention_mask")
+    if reason is None and attention_mask is None:
+        attention_mask = _inferred_mask(input_ids, config)
+        if attention_mask is not None and not is_left_padded(attention_mask):
+            reason = "the prompt holds pad tokens that are not left padding and no attention_mask was given"
     if reason is not None:
         cache._warn(f"PrefixCache: {reason}; this call recomputes the whole prompt without the cache")
         for key in CACHE_KWARGS:
             kwargs.pop(key, None)
         return original(*args, **kwargs)
-    attention_mask = kwargs.get("attention_mask")
-    if attention_mask is None:
-        attention_mask = _inferred_mask(input_ids, config)
     expand = max(config.num_beams or 1, config.num_return_sequences or 1)
     cache.prepare(input_ids, attention_mask, num_expand=expand)
     try:
@@ -100,6 +103,8 @@ def _effective_config(model, args: tuple, kwargs: dict) -> GenerationConfig:
 def _call_fallback_reason(cache, config: GenerationConfig, input_ids, kwargs: dict) -> str | None:
     if cache.store is None:
         return None  # the whole model falls back; the cache acts as a plain DynamicCache
+    if (stale := cache.stale_reason()) is not None:
+        return stale
     if any(kwargs.get(k) is not None for k in ASSISTED_KWARGS):
         return "assisted / speculative decoding is not supported"
     if input_ids is None:

@@ -32,6 +32,12 @@ def as_batch(input_ids) -> torch.Tensor:
     return ids
 
 
+def is_left_padded(attention_mask: torch.Tensor) -> bool:
+    """Every row is zeros then at least one one."""
+    mask = attention_mask.bool()
+    return bool(mask[:, -1].all()) and bool((mask[:, 1:] >= mask[:, :-1]).all())
+
+
 def split_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[PromptRow]:
     """Real tokens of each row; refuses any padding that is not on the left."""
     if attention_mask is None:
