@@ -42,8 +42,12 @@ TARGETS = {
 
 def real_text_ids(tokenizer, count: int, skip: int = 0) -> list[int]:
     """``count`` token ids of real text (the system prompt, then MT-Bench questions), from offset ``skip``."""
-    text = default_system_prompt() + "\n\n" + "\n\n".join(
-        turn.user for conversation in load_conversations("mtbench") for turn in conversation.turns
+    text = (
+        default_system_prompt()
+        + "\n\n"
+        + "\n\n".join(
+            turn.user for conversation in load_conversations("mtbench") for turn in conversation.turns
+        )
     )
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) < skip + count:
@@ -60,17 +64,21 @@ def timed(call) -> float:
 def run_benchmark(prefix_tokens: int = 2000, new_tokens: int = 32, repeats: int = 5, seed: int = 0) -> dict:
     model, tokenizer = load_model("smollm2")
     prefix = real_text_ids(tokenizer, prefix_tokens)
-    suffixes = [real_text_ids(tokenizer, new_tokens, skip=prefix_tokens + i * new_tokens) for i in range(repeats + 1)]
+    suffixes = [
+        real_text_ids(tokenizer, new_tokens, skip=prefix_tokens + i * new_tokens) for i in range(repeats + 1)
+    ]
     prompts = [torch.tensor([prefix + suffix]) for suffix in suffixes]
 
     def generate(ids, **kwargs):
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False, **kwargs)
+        return model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False, **kwargs
+        )
 
     ideal_prefix = DynamicCache(config=model.config)
     with torch.no_grad():
         model(torch.tensor([prefix]), use_cache=True, **{CACHE_KWARG: ideal_prefix})
     warm_cache = PrefixCache(model, max_memory="1GiB")
-    generate(torch.tensor([prefix + [tokenizer.eos_token_id]]), **{CACHE_KWARG: warm_cache})  # store the prefix
+    generate(torch.tensor([[*prefix, tokenizer.eos_token_id]]), **{CACHE_KWARG: warm_cache})  # stores it
     cold_cache = PrefixCache(model, max_memory="1GiB")
 
     def cold(ids):
@@ -92,7 +100,7 @@ def run_benchmark(prefix_tokens: int = 2000, new_tokens: int = 32, repeats: int 
         modes = list(MODES)
         order.shuffle(modes)
         for mode in modes:
-            times[mode].append(timed(lambda mode=mode: calls[mode](ids)))
+            times[mode].append(timed(lambda mode=mode, ids=ids: calls[mode](ids)))
             if mode == "warm":
                 warm_hits.append(warm_cache.last_call.hit_tokens)
     median = {mode: statistics.median(values) for mode, values in times.items()}
@@ -113,7 +121,9 @@ def run_benchmark(prefix_tokens: int = 2000, new_tokens: int = 32, repeats: int 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--prefix-tokens", type=int, default=2000, help="cached prefix length (default 2000)")
     parser.add_argument("--new-tokens", type=int, default=32, help="uncached tokens after it (default 32)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per mode (default 5)")

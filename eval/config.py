@@ -1,0 +1,97 @@
+"""Every knob of an evaluation run in one dataclass, shared by the CLI and the Python API.
+
+The defaults are the README's run: SmolLM2-135M-Instruct, MT-Bench with the ~1000-token shared system
+prompt, a subset small enough to finish with all four modes in under 10 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .modes import BASELINE, MODE_NAMES
+from .replay import HISTORY_CHOICES
+
+DEFAULT_SYSTEM_PROMPT = "default"  # EvalConfig.system_prompt value meaning data.default_system_prompt()
+
+
+@dataclass
+class EvalConfig:
+    """Options of ``run_evaluation``; see ``python -m hf_prefix_cache_eval --help`` for each one."""
+
+    model: str = "smollm2"
+    device: str = "cpu"
+    dtype: str = "float32"
+    model_cache_dir: str | None = None
+    dataset: str = "mtbench"
+    conversations: int | None = 10
+    max_turns: int | None = None
+    max_context_tokens: int | None = 4096
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # "default", None (no shared prompt) or the text
+    history: str = "model"
+    max_new_tokens: int = 32
+    modes: tuple[str, ...] = MODE_NAMES
+    block_size: int = 16
+    cache_memory: str | None = "1GiB"
+    cache_blocks: int | None = None
+    warmup_calls: int = 2
+    seed: int = 0
+    context_bin_tokens: int | None = None  # None: a power of two giving at most 8 bins
+    threads: int | None = None
+    worker_thread: bool = True  # run generate() off the main thread, as continuous batching does
+    output_dir: str | os.PathLike[str] | None = "results"
+    run_name: str | None = None
+    plots: bool = True
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes copied into results.json
+
+    def __post_init__(self) -> None:
+        self.modes = tuple(dict.fromkeys(self.modes))
+        unknown = [m for m in self.modes if m not in MODE_NAMES]
+        if unknown:
+            raise ValueError(f"unknown mode(s) {unknown}; choose from {list(MODE_NAMES)}")
+        if BASELINE not in self.modes:  # every speedup and output check is against it
+            self.modes = (BASELINE, *self.modes)
+        if self.history not in HISTORY_CHOICES:
+            raise ValueError(f"history must be one of {HISTORY_CHOICES}, got {self.history!r}")
+        for name in (
+            "conversations",
+            "max_turns",
+            "max_context_tokens",
+            "cache_blocks",
+            "threads",
+            "context_bin_tokens",
+        ):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        for name in ("max_new_tokens", "block_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if not isinstance(self.warmup_calls, int) or self.warmup_calls < 0:
+            raise ValueError(f"warmup_calls must be a non-negative int, got {self.warmup_calls!r}")
+        if self.cache_memory is None and self.cache_blocks is None:
+            raise ValueError("give cache_memory or cache_blocks to size the prefix store")
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["modes"] = list(self.modes)
+        if self.output_dir is not None:
+            data["output_dir"] = os.fspath(self.output_dir)
+        if self.system_prompt not in (None, DEFAULT_SYSTEM_PROMPT):
+            data["system_prompt"] = f"<custom, {len(self.system_prompt)} characters>"
+        return data
+
+    def run_dir(self, stamp: str) -> Path | None:
+        """Where this run's files go: ``output_dir/run_name`` (default ``<dataset>-<timestamp>``)."""
+        if self.output_dir is None:
+            return None
+        name = self.run_name or f"{_slug(self.dataset)}-{stamp}"
+        return Path(self.output_dir) / name
+
+
+def _slug(text: str) -> str:
+    stem = Path(text).stem if os.sep in text or "." in text else text
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in stem).strip("-") or "run"
