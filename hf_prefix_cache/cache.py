@@ -10,6 +10,7 @@ layers, so nothing of one call leaks into the next.
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import Hashable, Sequence
 from typing import Any
@@ -144,6 +145,7 @@ class PrefixCache(DynamicCache):
         Pass the same ``input_ids``/``attention_mask`` to ``generate()`` next; ``num_expand`` is
         ``max(num_beams, num_return_sequences)``. Call ``commit`` (or ``release``) afterwards.
         """
+        started = time.perf_counter()
         self.release()
         if (reason := self.stale_reason()) is not None:
             raise RuntimeError(reason)
@@ -167,6 +169,7 @@ class PrefixCache(DynamicCache):
             self.release()
             raise
         self._count(rows, call.loaded)
+        self.last_call.lookup_s = time.perf_counter() - started
         return self
 
     def commit(
@@ -177,6 +180,7 @@ class PrefixCache(DynamicCache):
         Rows that stopped early keep their reply up to the stop token; padding is never stored.
         """
         call, stats = self._call, self.last_call
+        started = time.perf_counter()
         try:
             computed = call is not None and self.get_seq_length() >= call.width  # the prompt went through
             if computed and self.store is not None and not call.rows_changed:
@@ -186,6 +190,7 @@ class PrefixCache(DynamicCache):
                 stats.stored_blocks = max(0, self.store.pool.num_cached - before)
         finally:
             self.release()
+            stats.store_s = time.perf_counter() - started
         return stats
 
     def release(self) -> None:

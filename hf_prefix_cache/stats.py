@@ -15,6 +15,8 @@ class CallStats:
     hit_tokens: int = 0
     computed_tokens: int = 0
     stored_blocks: int = 0  # blocks this call added to the store
+    lookup_s: float = 0.0  # the cache's own work before generate(): hashing, matching, placing the prefix
+    store_s: float = 0.0  # and after it: storing prompt and reply blocks
 
     @property
     def hit_rate(self) -> float:
