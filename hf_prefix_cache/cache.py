@@ -282,7 +282,7 @@ class PrefixCache(DynamicCache):
             computed_tokens=self._prompt_tokens - self._hit_tokens,
             hit_rate=self._hit_tokens / self._prompt_tokens if self._prompt_tokens else 0.0,
             stored_blocks=pool.num_cached if pool else 0,
-            free_blocks=len(pool.free) if pool else 0,
+            free_blocks=pool.num_blocks - pool.num_cached if pool else 0,
             num_blocks=pool.num_blocks if pool else 0,
             block_size=self.block_size,
             evictions=pool.evictions - self._evictions_at_reset if pool else 0,

@@ -20,7 +20,7 @@ class HitReport:
     except when the last-token rule caps the hit); the token at ``matched_tokens`` is the first miss.
     """
 
-    tokens: list[int]
+    tokens: list[int] = field(repr=False)
     hit_tokens: int
     matched_tokens: int
     block_size: int
@@ -43,6 +43,9 @@ class HitReport:
         if self.pieces is None:
             return " ".join(str(t) for t in self.tokens[start:end])
         return "".join(self.pieces[start:end])
+
+    def __repr__(self) -> str:
+        return f"HitReport({self})"
 
     def __str__(self) -> str:
         summary = f"reused {self.hit_tokens}/{len(self.tokens)} prompt tokens ({self.hit_rate:.0%})"

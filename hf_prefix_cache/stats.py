@@ -33,7 +33,7 @@ class CacheStats:
     computed_tokens: int = 0
     hit_rate: float = 0.0
     stored_blocks: int = 0
-    free_blocks: int = 0
+    free_blocks: int = 0  # holding nothing (stored blocks are evicted only when none is free)
     num_blocks: int = 0
     block_size: int = 0
     evictions: int = 0

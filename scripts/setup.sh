@@ -9,7 +9,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
-stamp="$VENV/.installed-$(cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)"
+stamp="$VENV/.installed-$( (cat pyproject.toml constraints.txt; ls hf_prefix_cache eval) | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   python -m pip install -q --upgrade pip
   python -m pip install -q -c constraints.txt -e ".[dev]"
