@@ -21,10 +21,12 @@ except at a near tie the no-cache run itself had (see ``assert_exact``; seen onc
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import torch
 from tiny_models import PAD, random_ids, tiny_config
 from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteria, StoppingCriteriaList
@@ -597,3 +599,18 @@ def stored_sequences(cache: PrefixCache) -> set[tuple[int, ...]]:
         if tokens:
             prefixes.add(tuple(tokens))
     return prefixes
+
+
+@pytest.fixture(autouse=True)
+def quiet_single_thread():  # autouse where a test module imports it
+    """No deprecation noise; one intra-op thread (tiny matrices: 2 threads only spin, and under a loaded
+    machine they made this suite 3x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        torch.set_num_threads(threads)

@@ -22,6 +22,7 @@ from exactness import (
     max_logit_diff,
     model_for,
     new_tokens,
+    quiet_single_thread,  # noqa: F401 (an autouse fixture)
     record_stored,
     run_single_scenario,
     stored_sequences,
@@ -33,21 +34,6 @@ from hf_prefix_cache import PrefixCache, PrefixCacheFallbackWarning
 
 GREEDY = dict(do_sample=False, max_new_tokens=8)
 CAUGHT = r"logit diff|differs"  # what assert_exact says when cached and no-cache runs differ
-
-
-@pytest.fixture(autouse=True)
-def _quiet_single_thread():
-    """No deprecation noise; one intra-op thread (tiny matrices: 2 threads only spin, and under a loaded
-    machine they made this suite 3x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def fallback_warnings(records) -> list[str]:

@@ -11,11 +11,15 @@ Covering subset, not the cartesian product:
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
-from exactness import STRATEGIES, model_for, run_batch_scenario, run_single_scenario
+from exactness import (
+    STRATEGIES,
+    model_for,
+    quiet_single_thread,  # noqa: F401 (an autouse fixture)
+    run_batch_scenario,
+    run_single_scenario,
+)
 
 FAMILIES = [
     "llama",
@@ -30,21 +34,6 @@ FAMILIES = [
     "gpt2",
 ]
 BATCHABLE = [name for name, s in STRATEGIES.items() if s.batchable]
-
-
-@pytest.fixture(autouse=True)
-def _quiet_single_thread():
-    """No deprecation noise; one intra-op thread (tiny matrices: 2 threads only spin, and under a loaded
-    machine they made this suite 3x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
