@@ -65,6 +65,7 @@ class PrefixCache(DynamicCache):
         install: bool = True,
     ):
         self.model = model
+        self._warned: set[str] = set()  # fallback messages already shown: each is shown once
         self.cache_salt = cache_salt
         self.extra_keys = tuple(extra_keys)
         self.fallback: str | None = unsupported_reason(model)
@@ -91,7 +92,6 @@ class PrefixCache(DynamicCache):
         self._dtypes_and_devices = self._watch.dtypes_and_devices()
         self._namespace = ""
         self._call: CallState | None = None
-        self._warned: set[str] = set()
         self.last_call = CallStats()
         self.reset_stats()
         if install:
@@ -297,9 +297,8 @@ class PrefixCache(DynamicCache):
         return self.store.clear() if self.store else 0
 
     def _warn(self, message: str) -> None:
-        warned = self.__dict__.setdefault("_warned", set())
-        if message not in warned:
-            warned.add(message)
+        if message not in self._warned:
+            self._warned.add(message)
             warnings.warn(message, PrefixCacheFallbackWarning, stacklevel=3)
 
     def __repr__(self) -> str:
