@@ -46,17 +46,13 @@ def split_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> 
         raise ValueError(
             f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
         )
-    rows = []
-    for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
-        real = sum(1 for m in mask if m)
-        pad = len(mask) - real
-        if real == 0 or any(mask[:pad]) or not all(mask[pad:]):
-            raise ValueError(
-                "PrefixCache needs left padding: every row of attention_mask must be zeros then ones. "
-                "Set tokenizer.padding_side = 'left' (right or middle padding cannot be reused exactly)."
-            )
-        rows.append(PromptRow(pad, ids[pad:]))
-    return rows
+    if not is_left_padded(attention_mask):
+        raise ValueError(
+            "PrefixCache needs left padding: every row of attention_mask must be zeros then ones. "
+            "Set tokenizer.padding_side = 'left' (right or middle padding cannot be reused exactly)."
+        )
+    pads = (attention_mask == 0).sum(dim=1).tolist()
+    return [PromptRow(pad, ids[pad:]) for ids, pad in zip(input_ids.tolist(), pads)]
 
 
 def reply_tokens(generated: list[int], stop_ids: set[int], pad_id: int | None) -> list[int]:

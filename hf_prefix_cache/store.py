@@ -125,6 +125,7 @@ class BlockStore:
         chain = list(held)
         new_positions: list[int] = []
         new_blocks: list[tuple[Block, BlockHash, tuple]] = []
+        pending: set[BlockHash] = set()  # hashes of new blocks not yet published
         with self.lock:
             for index in range(len(chain), len(hashes)):
                 window = tokens[index * size : (index + 1) * size]
@@ -134,14 +135,14 @@ class BlockStore:
                     self.pool.touch(block)
                 else:
                     occupant = self.pool.table.get(hashes[index])
-                    pending = any(block_hash == hashes[index] for _, block_hash, _ in new_blocks)
-                    if pending or (occupant is not None and occupant.ref_count > 0):
+                    if hashes[index] in pending or (occupant is not None and occupant.ref_count > 0):
                         break  # a collision with a block in use: stop rather than overwrite it
                     block = self.pool.allocate()
                     if block is None:
                         break
                     new_positions.append(index)
                     new_blocks.append((block, hashes[index], key))
+                    pending.add(hashes[index])
                 chain.append(block)
             if new_blocks:
                 try:
