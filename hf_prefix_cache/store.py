@@ -16,7 +16,8 @@ from .block_pool import Block, BlockPool
 from .hashing import BlockHash
 from .kv_pool import KVPool
 from .layout import LayerLayout, probe_layout
-from .memory import parse_bytes
+from .memory import check_fits, parse_bytes
+from .validation import positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +30,12 @@ class BlockStore:
     """Hashed, ref-counted, LRU-evicted K/V blocks, shared across ``generate()`` calls."""
 
     def __init__(self, layouts: list[LayerLayout], *, block_size: int = 16, num_blocks: int):
-        if block_size < 1:
-            raise ValueError(f"block_size must be a positive number of tokens, got {block_size}")
+        block_size = positive_int("block_size", block_size, "16")
+        num_blocks = positive_int("num_blocks", num_blocks, "1024")
+        needed: dict[torch.device, int] = {}
+        for layout in layouts:
+            needed[layout.device] = needed.get(layout.device, 0) + layout.block_bytes(block_size) * num_blocks
+        check_fits(needed)  # before zero-filling tensors the machine cannot hold
         self.layouts = layouts
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
@@ -63,6 +68,7 @@ class BlockStore:
         """A store for ``layouts`` holding ``num_blocks`` blocks, or as many as fit in ``max_memory``."""
         if num_blocks is not None and max_memory is not None:
             raise ValueError("pass either num_blocks or max_memory, not both")
+        block_size = positive_int("block_size", block_size, "16")
         if num_blocks is None:
             budget = parse_bytes(max_memory if max_memory is not None else DEFAULT_MAX_MEMORY)
             per_block = sum(layout.block_bytes(block_size) for layout in layouts)
@@ -148,11 +154,19 @@ class BlockStore:
                 try:
                     write(new_positions, [block.block_id for block, _, _ in new_blocks])
                 except BaseException:
-                    self.pool.release(chain)
+                    self.pool.release(
+                        chain[len(held) :]
+                    )  # only what this call took: ``held`` is the caller's
                     raise
                 for block, block_hash, key in new_blocks:
                     self.pool.cache(block, block_hash, key)
         return chain
+
+    def __getstate__(self):
+        raise TypeError(
+            "a BlockStore is live memory shared by threads and cannot be pickled or copied; make one per "
+            "process with PrefixCache(model, ...) and share it within the process with store=cache.store"
+        )
 
     def release(self, blocks: Sequence[Block]) -> None:
         with self.lock:
