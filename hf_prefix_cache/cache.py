@@ -57,6 +57,19 @@ UNPREPARED = (
 _GENERATE_CODE = inspect.unwrap(GenerationMixin.generate).__code__  # its decorators share their code
 
 
+def _calling_module() -> torch.nn.Module | None:
+    """The module whose forward called ``Cache.update`` (the attention layer), found on the stack."""
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, torch.nn.Module):
+            return owner
+        frame = frame.f_back
+    return None
+
+
 def _inside_generate() -> bool:
     """Whether transformers' ``generate()`` is on this thread's stack (checked only for unprepared use)."""
     frame = sys._getframe(1)
@@ -98,6 +111,7 @@ class PrefixCache(DynamicCache):
         self._owner: int | None = None  # thread serving the call in flight (between prepare and release)
         self._owner_lock = threading.Lock()
         self._generating = False  # the generate() wrapper runs this call: nested wrapped generates pass
+        self._verified_call: CallState | None = None  # the call whose K/V were seen coming from self.model
         self.cache_salt = cache_salt
         self.extra_keys = extra_keys_tuple(extra_keys)
         if block_size is not None:
@@ -267,6 +281,8 @@ class PrefixCache(DynamicCache):
             return slots
         if slots == call.loaded:
             return None  # nothing was computed: nothing to store, nothing wrong
+        if self._verified_call is not call:
+            return "no K/V of this call were seen coming from the model this cache was made for"
         if sequences is not None and slots != sequences.shape[1] - 1:
             return (
                 f"the layers hold {slots} slots but prompt and reply imply {sequences.shape[1] - 1} (a call with "
@@ -320,6 +336,16 @@ class PrefixCache(DynamicCache):
         if owner is not None and owner != threading.get_ident():
             raise RuntimeError(BUSY)
 
+    def _check_module(self, module: torch.nn.Module | None) -> None:
+        """K/V are accepted only from the model this cache fingerprinted (checked once per call)."""
+        if module is None or any(m is module for m in self.model.modules()):
+            return
+        raise ValueError(
+            f"this PrefixCache was made for another model ({type(self.model).__name__} at {id(self.model):#x}); "
+            f"a {type(module).__name__} outside it computed K/V into it. Make a cache per model: "
+            "PrefixCache(model) (or PrefixCache(model, store=...) for another view of the same model)"
+        )
+
     def _release_if_mine(self) -> None:
         if self._owner == threading.get_ident():
             self.release()
@@ -327,8 +353,12 @@ class PrefixCache(DynamicCache):
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if layer_idx == 0:
             self._check_owner()
-            if self._call is None and self.store is not None and _inside_generate():
+            call = self._call
+            if call is None and self.store is not None and _inside_generate():
                 raise RuntimeError(UNPREPARED)
+            if call is not None and self._verified_call is not call:
+                self._check_module(_calling_module())
+                self._verified_call = call
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def _stop_and_pad(self, eos_token_id, pad_token_id) -> tuple[set[int], int | None]:
