@@ -99,14 +99,18 @@ class BlockStore:
         size = self.block_size
         blocks: list[Block] = []
         with self.lock:
-            for index in range(min(max_blocks, len(hashes))):
-                window = tokens[index * size : (index + 1) * size]
-                key = self.chain_key(blocks[-1] if blocks else None, namespace, window, extra_keys)
-                block = self.pool.lookup(hashes[index], key)
-                if block is None:
-                    break
-                self.pool.touch(block)
-                blocks.append(block)
+            try:
+                for index in range(min(max_blocks, len(hashes))):
+                    window = tokens[index * size : (index + 1) * size]
+                    key = self.chain_key(blocks[-1] if blocks else None, namespace, window, extra_keys)
+                    block = self.pool.lookup(hashes[index], key)
+                    if block is None:
+                        break
+                    self.pool.touch(block)
+                    blocks.append(block)
+            except BaseException:
+                self.pool.release(blocks)  # whatever raised, the caller never saw these references
+                raise
         return blocks
 
     def read(self, layer: int, blocks: Sequence[Block]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,40 +131,42 @@ class BlockStore:
         Existing identical blocks are reused (stored once). The chain stops early when the pool is full of
         referenced blocks or a colliding block is in use. The caller releases the returned chain.
         """
-        size = self.block_size
         chain = list(held)
+        with self.lock:
+            try:
+                self._extend(namespace, tokens, hashes, chain, write, extra_keys)
+            except BaseException:
+                self.pool.release(chain[len(held) :])  # only what this call took: ``held`` is the caller's
+                raise
+        return chain
+
+    def _extend(self, namespace, tokens, hashes, chain: list[Block], write: WriteBlocks, extra_keys) -> None:
+        """``extend_chain``'s work, appending each block to ``chain`` as soon as it is referenced."""
+        size = self.block_size
         new_positions: list[int] = []
         new_blocks: list[tuple[Block, BlockHash, tuple]] = []
         pending: set[BlockHash] = set()  # hashes of new blocks not yet published
-        with self.lock:
-            for index in range(len(chain), len(hashes)):
-                window = tokens[index * size : (index + 1) * size]
-                key = self.chain_key(chain[-1] if chain else None, namespace, window, extra_keys)
-                block = self.pool.lookup(hashes[index], key)
-                if block is not None:
-                    self.pool.touch(block)
-                else:
-                    occupant = self.pool.table.get(hashes[index])
-                    if hashes[index] in pending or (occupant is not None and occupant.ref_count > 0):
-                        break  # a collision with a block in use: stop rather than overwrite it
-                    block = self.pool.allocate()
-                    if block is None:
-                        break
-                    new_positions.append(index)
-                    new_blocks.append((block, hashes[index], key))
-                    pending.add(hashes[index])
-                chain.append(block)
-            if new_blocks:
-                try:
-                    write(new_positions, [block.block_id for block, _, _ in new_blocks])
-                except BaseException:
-                    self.pool.release(
-                        chain[len(held) :]
-                    )  # only what this call took: ``held`` is the caller's
-                    raise
-                for block, block_hash, key in new_blocks:
-                    self.pool.cache(block, block_hash, key)
-        return chain
+        for index in range(len(chain), len(hashes)):
+            window = tokens[index * size : (index + 1) * size]
+            key = self.chain_key(chain[-1] if chain else None, namespace, window, extra_keys)
+            block = self.pool.lookup(hashes[index], key)
+            if block is not None:
+                self.pool.touch(block)
+            else:
+                occupant = self.pool.table.get(hashes[index])
+                if hashes[index] in pending or (occupant is not None and occupant.ref_count > 0):
+                    break  # a collision with a block in use: stop rather than overwrite it
+                block = self.pool.allocate()
+                if block is None:
+                    break
+                new_positions.append(index)
+                new_blocks.append((block, hashes[index], key))
+                pending.add(hashes[index])
+            chain.append(block)
+        if new_blocks:
+            write(new_positions, [block.block_id for block, _, _ in new_blocks])
+            for block, block_hash, key in new_blocks:
+                self.pool.cache(block, block_hash, key)
 
     def __getstate__(self):
         raise TypeError(
