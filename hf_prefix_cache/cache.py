@@ -90,7 +90,8 @@ class PrefixCache(DynamicCache):
         max_memory: store size in bytes or as a string ("512MiB"); or give ``num_blocks``.
         cache_salt: a namespace; caches with different salts never share blocks.
         store: an existing ``BlockStore`` to share (e.g. ``cache.store``), for a second view.
-        extra_keys: hashed into every block, for anything besides tokens that changes K/V (an adapter).
+        extra_keys: a tuple hashed into every block, for anything besides tokens and PEFT adapters (which
+            the namespace covers by itself) that changes K/V.
         install: wrap ``model.generate``; with ``False`` call ``prepare`` and ``commit`` yourself.
     """
 
