@@ -21,8 +21,8 @@ from hf_prefix_cache_eval.models import load_model
 
 pytestmark = pytest.mark.slow
 
-CALLS = 200
-SETTINGS = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+CALLS = 150
+SETTINGS = dict(max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True)
 
 
 def _interrupt(signum, frame):
@@ -33,9 +33,9 @@ def test_random_keyboard_interrupts_leave_the_store_sound():
     model, tokenizer = load_model("smollm2")
     rng = random.Random(0)
     stem = tokenizer("You are a helpful assistant for a store that sells speakers. ")["input_ids"]
-    questions = [tokenizer(f"Question {n}: why does speaker {n} hum?")["input_ids"] for n in range(6)]
-    prompts = [torch.tensor([stem * 2 + q]) for q in questions]  # ~50 tokens sharing a ~30-token stem
-    cache = PrefixCache(model, block_size=8, num_blocks=24)  # small: calls evict each other's blocks
+    questions = [tokenizer(f"Question {n}: why does it hum?")["input_ids"] for n in range(4)]
+    prompts = [torch.tensor([stem + q]) for q in questions]  # ~25 tokens sharing a ~13-token stem
+    cache = PrefixCache(model, block_size=4, num_blocks=16)  # small: calls evict each other's blocks
     started = time.perf_counter()
     model.generate(prompts[0], **SETTINGS, **{CACHE_KWARG: cache})
     span = time.perf_counter() - started  # how long a call takes here: timers land inside calls
