@@ -247,9 +247,7 @@ class PrefixCache(DynamicCache):
                 problem = self._unstorable(call, slots, sequences if replies else None)
                 if problem is not None:
                     self._refuse(problem)
-                elif (
-                    slots > call.loaded
-                ):  # generate() computed something (prepare then commit stores nothing)
+                elif slots > call.loaded:  # prepare() then commit() without generate() stores nothing
                     before = self.store.pool.num_cached
                     record_call(self.layers, self.store, call, replies, slots, self.extra_keys)
                     stats.stored_blocks = max(0, self.store.pool.num_cached - before)
@@ -298,7 +296,7 @@ class PrefixCache(DynamicCache):
     def _refuse(self, problem: str) -> None:
         self._refused += 1
         self.last_call.refused = problem
-        logger.warning("PrefixCache stored nothing from a call: %s", problem)
+        logger.info("PrefixCache stored nothing from a call: %s", problem)
         self._warn(
             "PrefixCache: stored nothing from a call whose K/V it cannot vouch for ("
             f"{problem}); counted in cache.stats.refused_calls, warned once",

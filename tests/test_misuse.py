@@ -101,7 +101,9 @@ def test_case2_a_cache_of_another_model_is_refused(model, family):
     run(model, cache, prompt)
     stored = cache.store.pool.num_cached
     for _ in range(2):
-        with pytest.raises(ValueError, match=r"made for another model.*PrefixCache\(model\)"):
+        with pytest.raises(
+            ValueError, match=r"made for another model.*whose generate\(\) got it.*PrefixCache\(model\)"
+        ):
             run(other, cache, prompt)
     assert cache.store.pool.num_cached == stored and cache.store.pool.num_referenced == 0
     assert_store_not_poisoned(model, cache.store, prompt)
