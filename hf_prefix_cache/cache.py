@@ -9,7 +9,10 @@ layers, so nothing of one call leaks into the next.
 
 from __future__ import annotations
 
+import inspect
 import logging
+import sys
+import threading
 import time
 import warnings
 from collections.abc import Hashable, Sequence
@@ -18,7 +21,9 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
+from transformers.generation.utils import GenerationMixin
 
+from .adapters import adapter_namespace
 from .call_state import CallState, place_prefix
 from .explain import HitReport, matched_length
 from .fingerprint import WeightsWatch, model_fingerprint
@@ -30,12 +35,49 @@ from .recording import record_call, replies_of
 from .stats import CacheStats, CallStats
 from .store import BlockStore
 from .support import unsupported_reason
+from .validation import extra_keys_tuple, positive_int, shared_store
 
 logger = logging.getLogger(__name__)
 
 
 class PrefixCacheFallbackWarning(UserWarning):
     """The cache is recomputing everything instead of reusing a prefix, and says why."""
+
+
+BUSY = (
+    "this PrefixCache is serving a call on another thread; one PrefixCache serves one call at a time: give "
+    "each thread its own view, PrefixCache(model, store=cache.store) (views share every stored block)"
+)
+UNPREPARED = (
+    "generate() got a PrefixCache that did not look its prompt up: the generate() wrapper was removed "
+    "(hf_prefix_cache.uninstall) or never installed (install=False), and K/V of an earlier call would carry "
+    "into this one; call hf_prefix_cache.install(model) again, or cache.prepare(input_ids, attention_mask) "
+    "before generate() and cache.commit(out.sequences) after it"
+)
+_GENERATE_CODE = inspect.unwrap(GenerationMixin.generate).__code__  # its decorators share their code
+
+
+def _calling_module() -> torch.nn.Module | None:
+    """The module whose forward called ``Cache.update`` (the attention layer), found on the stack."""
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, torch.nn.Module):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def _inside_generate() -> bool:
+    """Whether transformers' ``generate()`` is on this thread's stack (checked only for unprepared use)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _GENERATE_CODE:
+            return True
+        frame = frame.f_back
+    return False
 
 
 class PrefixCache(DynamicCache):
@@ -48,7 +90,8 @@ class PrefixCache(DynamicCache):
         max_memory: store size in bytes or as a string ("512MiB"); or give ``num_blocks``.
         cache_salt: a namespace; caches with different salts never share blocks.
         store: an existing ``BlockStore`` to share (e.g. ``cache.store``), for a second view.
-        extra_keys: hashed into every block, for anything besides tokens that changes K/V (an adapter).
+        extra_keys: a tuple hashed into every block, for anything besides tokens and PEFT adapters (which
+            the namespace covers by itself) that changes K/V.
         install: wrap ``model.generate``; with ``False`` call ``prepare`` and ``commit`` yourself.
     """
 
@@ -66,8 +109,18 @@ class PrefixCache(DynamicCache):
     ):
         self.model = model
         self._warned: set[str] = set()  # fallback messages already shown: each is shown once
+        self._owner: int | None = None  # thread serving the call in flight (between prepare and release)
+        self._owner_lock = threading.Lock()
+        self._generating = False  # the generate() wrapper runs this call: nested wrapped generates pass
+        self._verified_call: CallState | None = None  # the call whose K/V were seen coming from self.model
         self.cache_salt = cache_salt
-        self.extra_keys = tuple(extra_keys)
+        self.extra_keys = extra_keys_tuple(extra_keys)
+        if block_size is not None:
+            block_size = positive_int("block_size", block_size, "16")
+        if num_blocks is not None:
+            num_blocks = positive_int("num_blocks", num_blocks, "1024")
+        if store is not None:
+            store = shared_store(store, num_blocks, max_memory)
         self.fallback: str | None = unsupported_reason(model)
         self.store: BlockStore | None = None
         layers = None
@@ -103,7 +156,10 @@ class PrefixCache(DynamicCache):
     def _resolve_store(layouts, store, block_size, max_memory, num_blocks) -> BlockStore:
         if store is None:
             return BlockStore.sized(
-                layouts, block_size=block_size or 16, max_memory=max_memory, num_blocks=num_blocks
+                layouts,
+                block_size=16 if block_size is None else block_size,
+                max_memory=max_memory,
+                num_blocks=num_blocks,
             )
         if not store.compatible_with(layouts):
             raise ValueError(
@@ -120,13 +176,14 @@ class PrefixCache(DynamicCache):
 
     @property
     def namespace(self) -> str:
-        """Model fingerprint plus salt; recomputed when the weights were replaced, cast, moved or written."""
+        """Model fingerprint plus salt plus active PEFT adapters; the fingerprint is recomputed when the
+        weights were replaced, cast, moved or written."""
         if self._watch.changed():
             known = bool(self._namespace)
             self._namespace = f"{model_fingerprint(self.model)}/{self.cache_salt or ''}"
             if known:
                 logger.info("model weights changed: earlier blocks will no longer match")
-        return self._namespace
+        return self._namespace + adapter_namespace(self.model)
 
     def stale_reason(self) -> str | None:
         """Why stored K/V cannot be used with the model as it is now (its dtype or device changed)."""
@@ -146,18 +203,19 @@ class PrefixCache(DynamicCache):
         ``max(num_beams, num_return_sequences)``. Call ``commit`` (or ``release``) afterwards.
         """
         started = time.perf_counter()
-        self.release()
-        if (reason := self.stale_reason()) is not None:
-            raise RuntimeError(reason)
-        ids = as_batch(input_ids)
-        mask = as_batch(attention_mask) if attention_mask is not None else None
-        rows = split_rows(ids, mask)
-        if self.store is None:
-            self._count(rows, loaded=0)
-            return self
-        size = self.block_size
-        call = self._call = CallState(self.namespace, rows, ids.shape[1], num_expand)
         try:
+            self._claim()
+            self._drop_call()
+            if (reason := self.stale_reason()) is not None:
+                raise RuntimeError(reason)
+            ids = as_batch(input_ids)
+            mask = as_batch(attention_mask) if attention_mask is not None else None
+            rows = split_rows(ids, mask)
+            if self.store is None:
+                self._count(rows, loaded=0)
+                return self
+            size = self.block_size
+            call = self._call = CallState(self.namespace, rows, ids.shape[1], num_expand)
             for row in rows:
                 row.hashes = hash_blocks(call.root, row.tokens, size, self.extra_keys)
                 usable = (len(row.tokens) - 1) // size  # the last prompt token is always computed
@@ -166,7 +224,7 @@ class PrefixCache(DynamicCache):
             if call.loaded > 0:
                 place_prefix(self.layers, self.store, call)
         except BaseException:
-            self.release()
+            self._release_if_mine()
             raise
         self._count(rows, call.loaded)
         self.last_call.lookup_s = time.perf_counter() - started
@@ -179,29 +237,128 @@ class PrefixCache(DynamicCache):
 
         Rows that stopped early keep their reply up to the stop token; padding is never stored.
         """
+        self._check_owner()
         call, stats = self._call, self.last_call
         started = time.perf_counter()
         try:
-            computed = call is not None and self.get_seq_length() >= call.width  # the prompt went through
-            if computed and self.store is not None and not call.rows_changed:
-                before = self.store.pool.num_cached
+            if call is not None and self.store is not None and not call.rows_changed:
                 replies = replies_of(call, sequences, *self._stop_and_pad(eos_token_id, pad_token_id))
-                record_call(self.layers, self.store, call, replies, self.get_seq_length(), self.extra_keys)
-                stats.stored_blocks = max(0, self.store.pool.num_cached - before)
+                slots = self._captured_slots(call)
+                problem = self._unstorable(call, slots, sequences if replies else None)
+                if problem is not None:
+                    self._refuse(problem)
+                elif slots > call.loaded:  # prepare() then commit() without generate() stores nothing
+                    before = self.store.pool.num_cached
+                    record_call(self.layers, self.store, call, replies, slots, self.extra_keys)
+                    stats.stored_blocks = max(0, self.store.pool.num_cached - before)
         finally:
             self.release()
             stats.store_s = time.perf_counter() - started
         return stats
 
+    # -- what the store accepts --------------------------------------------------------------------
+    def _captured_slots(self, call: CallState) -> int | str:
+        """Slots every layer holds for this call, or why they do not agree."""
+        rows = len(call.rows) * call.expand
+        counts = set()
+        for layer in self.layers:
+            keys, _, first = layer.captured()
+            if keys is None:
+                counts.add(first)
+                continue
+            if keys.shape[0] != rows:
+                return f"the layers hold {keys.shape[0]} rows, the call prepared {rows}"
+            counts.add(first + keys.shape[-2])
+        if len(counts) != 1:
+            return f"the layers hold different numbers of slots {sorted(counts)}"
+        return counts.pop()
+
+    def _unstorable(self, call: CallState, slots: int | str, sequences) -> str | None:
+        """Why the captured K/V must not be stored: a block is stored only from a call this cache prepared,
+        in the namespace it looked up in, with exactly the slots that the prompt and the reply imply."""
+        if isinstance(slots, str):
+            return slots
+        if slots == call.loaded:
+            return None  # nothing was computed: nothing to store, nothing wrong
+        if self._verified_call is not call:
+            return "no K/V of this call were seen coming from the model this cache was made for"
+        if sequences is not None and slots != sequences.shape[1] - 1:
+            return (
+                f"the layers hold {slots} slots but prompt and reply imply {sequences.shape[1] - 1} (a call with "
+                "use_cache=False, another model, or K/V from outside this call)"
+            )
+        if slots < call.width:
+            return f"the layers hold {slots} slots, fewer than the {call.width} of the prompt"
+        if self.namespace != call.namespace:
+            return "the model's weights or active adapters changed during the call"
+        return None
+
+    def _refuse(self, problem: str) -> None:
+        self._refused += 1
+        self.last_call.refused = problem
+        logger.info("PrefixCache stored nothing from a call: %s", problem)
+        self._warn(
+            "PrefixCache: stored nothing from a call whose K/V it cannot vouch for ("
+            f"{problem}); counted in cache.stats.refused_calls, warned once",
+            key="refused",
+        )
+
     def release(self) -> None:
         """Drop this call's block references and K/V; the store keeps what was committed."""
+        self._check_owner()
+        try:
+            self._drop_call()
+        finally:
+            self._generating = False
+            self._owner = None
+
+    def _drop_call(self) -> None:
         call, self._call = self._call, None
         if call is not None and self.store is not None:
             for row in call.rows:
-                self.store.release(row.hits)
-                row.hits = []
+                hits, row.hits = row.hits, []
+                self.store.release(hits)
         for layer in self.layers:
             layer.reset()
+
+    # -- one call at a time ------------------------------------------------------------------------
+    def _claim(self) -> None:
+        """Mark this thread as serving the call; a second thread gets an error naming the fix."""
+        me = threading.get_ident()
+        with self._owner_lock:
+            if self._owner is not None and self._owner != me:
+                raise RuntimeError(BUSY)
+            self._owner = me
+
+    def _check_owner(self) -> None:
+        owner = self._owner
+        if owner is not None and owner != threading.get_ident():
+            raise RuntimeError(BUSY)
+
+    def _check_module(self, module: torch.nn.Module | None) -> None:
+        """K/V are accepted only from the model this cache fingerprinted (checked once per call)."""
+        if module is None or any(m is module for m in self.model.modules()):
+            return
+        raise ValueError(
+            f"this PrefixCache was made for another model ({type(self.model).__name__} at {id(self.model):#x}); "
+            f"a {type(module).__name__} outside it computed K/V into it. Make a cache per model: "
+            "PrefixCache(model) (or PrefixCache(model, store=...) for another view of the same model)"
+        )
+
+    def _release_if_mine(self) -> None:
+        if self._owner == threading.get_ident():
+            self.release()
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if layer_idx == 0:
+            self._check_owner()
+            call = self._call
+            if call is None and self.store is not None and _inside_generate():
+                raise RuntimeError(UNPREPARED)
+            if call is not None and self._verified_call is not call:
+                self._check_module(_calling_module())
+                self._verified_call = call
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def _stop_and_pad(self, eos_token_id, pad_token_id) -> tuple[set[int], int | None]:
         config = self.model.generation_config
@@ -239,12 +396,23 @@ class PrefixCache(DynamicCache):
         if isinstance(prompt, str):
             if tokenizer is None:
                 raise ValueError("pass tokenizer= to explain a text prompt, or pass its token ids")
-            tokens = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            # with the special tokens tokenizer(text) adds (BOS...) and without (text from a chat template
+            # already holds them): the reading that matches the store further is the one generate() saw
+            readings = [tokenizer(prompt, add_special_tokens=add)["input_ids"] for add in (True, False)]
+            reports = [self.explain(tokens, tokenizer) for tokens in readings]
+            return max(reports, key=lambda report: report.matched_tokens)
+        if isinstance(prompt, (list, tuple)) and not prompt:
+            tokens = []
         else:
-            tokens = as_batch(prompt)[0].tolist()
+            batch = as_batch(prompt)
+            if batch.shape[0] != 1:
+                raise ValueError(
+                    f"explain() takes one prompt, got a batch of {batch.shape[0]}; pass one row, e.g. input_ids[i]"
+                )
+            tokens = batch[0].tolist()
         pieces = [tokenizer.decode([t]) for t in tokens] if tokenizer is not None else None
-        if self.store is None:
-            return HitReport(tokens, 0, 0, 0, pieces)
+        if self.store is None or not tokens:
+            return HitReport(tokens, 0, 0, self.block_size, pieces)
         size, namespace = self.block_size, self.namespace
         hashes = hash_blocks(root_hash(namespace), tokens, size, self.extra_keys)
         blocks = self.store.match(namespace, tokens, hashes, len(hashes), self.extra_keys)
@@ -259,6 +427,11 @@ class PrefixCache(DynamicCache):
         return HitReport(tokens, hit, matched, size, pieces)
 
     # -- stats -------------------------------------------------------------------------------------
+    def _count_fallback(self, input_ids) -> None:
+        """A call recomputed without the cache: it reused nothing (the counters say so)."""
+        prompt = int(input_ids.numel()) if isinstance(input_ids, torch.Tensor) else 0
+        self.last_call = CallStats(prompt_tokens=prompt, computed_tokens=prompt)
+
     def _count(self, rows: list[PromptRow], loaded: int) -> None:
         prompt = sum(len(row.tokens) for row in rows)
         hit = sum(max(0, loaded - row.pad) for row in rows)
@@ -269,7 +442,7 @@ class PrefixCache(DynamicCache):
 
     def reset_stats(self) -> None:
         """Zero the counters (the store's gauges are unaffected)."""
-        self._calls = self._prompt_tokens = self._hit_tokens = 0
+        self._calls = self._prompt_tokens = self._hit_tokens = self._refused = 0
         self._evictions_at_reset = self.store.pool.evictions if self.store else 0
 
     @property
@@ -289,16 +462,19 @@ class PrefixCache(DynamicCache):
             used_bytes=self.store.used_bytes if self.store else 0,
             capacity_bytes=self.store.capacity_bytes if self.store else 0,
             fallback=self.fallback,
+            refused_calls=self._refused,
         )
 
     def clear(self) -> int:
-        """Drop every stored block of the store (shared views included), e.g. after a weight update."""
-        self.release()
+        """Drop every stored block of the store (shared views included), e.g. after a weight update.
+
+        Safe while other views serve calls: blocks they hold are forgotten now and freed when released."""
+        self._release_if_mine()
         return self.store.clear() if self.store else 0
 
-    def _warn(self, message: str) -> None:
-        if message not in self._warned:
-            self._warned.add(message)
+    def _warn(self, message: str, key: str | None = None) -> None:
+        if (key or message) not in self._warned:
+            self._warned.add(key or message)
             warnings.warn(message, PrefixCacheFallbackWarning, stacklevel=3)
 
     def __repr__(self) -> str:

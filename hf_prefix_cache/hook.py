@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
 from typing import Any
 
 import torch
@@ -46,6 +47,9 @@ def install(model: torch.nn.Module) -> None:
 
         if not isinstance(cache, PrefixCache):
             return original(*args, **kwargs)
+        if cache._generating and cache._owner == threading.get_ident():
+            return original(*args, **kwargs)  # a wrapped generate() inside another (PEFT): already prepared
+        check_model(cache, model)
         return run_generate(cache, original, args, kwargs)
 
     setattr(generate, _MARK, original)
@@ -64,6 +68,21 @@ def is_installed(model: torch.nn.Module) -> bool:
     return getattr(model.generate, _MARK, None) is not None
 
 
+def check_model(cache, model: torch.nn.Module) -> None:
+    """Refuse a cache made for another model: its namespace, layouts and stored K/V belong to that one.
+
+    A PEFT model and the base model inside it are one network (the cache may wrap either)."""
+    mine = cache.model
+    if mine is model or any(m is model for m in mine.modules()) or any(m is mine for m in model.modules()):
+        return
+    raise ValueError(
+        f"this PrefixCache was made for another model ({type(mine).__name__} at {id(mine):#x}), not for the "
+        f"{type(model).__name__} at {id(model):#x} whose generate() got it; K/V of one model are wrong for "
+        "another. Make a cache per model: PrefixCache(model) (or PrefixCache(model, store=...) to share a "
+        "store between views of that model)"
+    )
+
+
 def run_generate(cache, original, args: tuple, kwargs: dict):
     """One ``generate()`` call through ``cache``: prepare, generate, commit; release on any exception."""
     config = _effective_config(cache.model, args, kwargs)
@@ -76,18 +95,20 @@ def run_generate(cache, original, args: tuple, kwargs: dict):
             reason = "the prompt holds pad tokens that are not left padding and no attention_mask was given"
     if reason is not None:
         cache._warn(f"PrefixCache: {reason}; this call recomputes the whole prompt without the cache")
+        cache._count_fallback(input_ids)
         for key in CACHE_KWARGS:
             kwargs.pop(key, None)
         return original(*args, **kwargs)
     expand = max(config.num_beams or 1, config.num_return_sequences or 1)
-    cache.prepare(input_ids, attention_mask, num_expand=expand)
-    try:
+    try:  # prepare inside: an interrupt right after it returns still releases what it took
+        cache.prepare(input_ids, attention_mask, num_expand=expand)
+        cache._generating = True
         output = original(*args, **kwargs)
+        sequences = output if isinstance(output, torch.Tensor) else getattr(output, "sequences", None)
+        cache.commit(sequences, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
     except BaseException:
-        cache.release()
+        cache._release_if_mine()
         raise
-    sequences = output if isinstance(output, torch.Tensor) else getattr(output, "sequences", None)
-    cache.commit(sequences, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
     return output
 
 
@@ -101,6 +122,8 @@ def _effective_config(model, args: tuple, kwargs: dict) -> GenerationConfig:
 
 
 def _call_fallback_reason(cache, config: GenerationConfig, input_ids, kwargs: dict) -> str | None:
+    if config.use_cache is False:
+        return "use_cache=False computes every step without a cache, so nothing can be reused or stored"
     if cache.store is None:
         return None  # the whole model falls back; the cache acts as a plain DynamicCache
     if (stale := cache.stale_reason()) is not None:

@@ -1,8 +1,14 @@
-"""Byte sizes written the way people write them ("512MiB", "2GB", 1 << 30)."""
+"""Byte sizes written the way people write them ("512MiB", "2GB", 1 << 30), and how much memory a
+device has free, so a store too big for the machine is refused before it is zero-filled."""
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
 import re
+
+import torch
 
 _UNITS = {
     "": 1,
@@ -23,22 +29,58 @@ _UNITS = {
 
 
 def parse_bytes(size: int | float | str) -> int:
-    """Return ``size`` in bytes; accepts numbers and strings like ``"512MiB"`` or ``"1.5 GB"``."""
-    if isinstance(size, bool):
-        raise TypeError("max_memory must be a number of bytes or a string like '512MiB', not a bool")
-    if isinstance(size, (int, float)):
-        value = int(size)
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(size))
+    """Return ``size`` in bytes; accepts numbers and strings like ``"512MiB"``, ``"1.5 GB"`` or ``"1.5e3"``."""
+    if isinstance(size, bool) or not isinstance(size, (numbers.Real, str)):
+        raise TypeError(
+            f"max_memory must be a number of bytes or a string like '512MiB', not {type(size).__name__}"
+        )
+    if isinstance(size, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", size)
         unit = match.group(2).lower() if match else None
         if match is None or unit not in _UNITS:
             raise ValueError(
                 f"cannot read {size!r} as a size; write e.g. 512MiB, 2GiB, 1.5GB or a number of bytes"
             )
-        value = int(float(match.group(1)) * _UNITS[unit])
+        number = float(match.group(1)) * _UNITS[unit]
+    else:
+        number = float(size)
+    if not math.isfinite(number):
+        raise ValueError(f"max_memory must be a finite size like '512MiB', got {size!r}")
+    value = int(number)
     if value <= 0:
         raise ValueError(f"max_memory must be positive, got {size!r}")
     return value
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory that can still be allocated on ``device`` (None when it cannot be told)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type != "cpu":
+        return None
+    try:  # MemAvailable counts reclaimable page cache, which free pages alone (sysconf) do not
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(needed: dict[torch.device, int]) -> None:
+    """Refuse, with the fix, a store whose tensors need more memory than a device has free."""
+    for device, size in needed.items():
+        free = available_bytes(device)
+        if free is not None and size > free:
+            raise ValueError(
+                f"the block store needs {format_bytes(size)} on {device}, but only {format_bytes(free)} is "
+                "available; pass a smaller max_memory= (e.g. '1GiB') or num_blocks="
+            )
 
 
 def format_bytes(size: int) -> str:

@@ -17,6 +17,7 @@ class CallStats:
     stored_blocks: int = 0  # blocks this call added to the store
     lookup_s: float = 0.0  # the cache's own work before generate(): hashing, matching, placing the prefix
     store_s: float = 0.0  # and after it: storing prompt and reply blocks
+    refused: str | None = None  # why nothing of this call was stored (its K/V were not what it implies)
 
     @property
     def hit_rate(self) -> float:
@@ -40,6 +41,7 @@ class CacheStats:
     used_bytes: int = 0
     capacity_bytes: int = 0
     fallback: str | None = None
+    refused_calls: int = 0  # calls whose K/V the store refused (see CallStats.refused)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -51,6 +53,7 @@ class CacheStats:
             f"blocks of {self.block_size} tokens, {format_bytes(self.used_bytes)} of "
             f"{format_bytes(self.capacity_bytes)}, {self.evictions} evictions"
             + (f"; FALLBACK: {self.fallback}" if self.fallback else "")
+            + (f"; {self.refused_calls} calls refused by the store" if self.refused_calls else "")
         )
 
     def _repr_html_(self) -> str:

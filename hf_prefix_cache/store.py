@@ -16,7 +16,8 @@ from .block_pool import Block, BlockPool
 from .hashing import BlockHash
 from .kv_pool import KVPool
 from .layout import LayerLayout, probe_layout
-from .memory import parse_bytes
+from .memory import check_fits, parse_bytes
+from .validation import positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +30,12 @@ class BlockStore:
     """Hashed, ref-counted, LRU-evicted K/V blocks, shared across ``generate()`` calls."""
 
     def __init__(self, layouts: list[LayerLayout], *, block_size: int = 16, num_blocks: int):
-        if block_size < 1:
-            raise ValueError(f"block_size must be a positive number of tokens, got {block_size}")
+        block_size = positive_int("block_size", block_size, "16")
+        num_blocks = positive_int("num_blocks", num_blocks, "1024")
+        needed: dict[torch.device, int] = {}
+        for layout in layouts:
+            needed[layout.device] = needed.get(layout.device, 0) + layout.block_bytes(block_size) * num_blocks
+        check_fits(needed)  # before zero-filling tensors the machine cannot hold
         self.layouts = layouts
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
@@ -63,6 +68,7 @@ class BlockStore:
         """A store for ``layouts`` holding ``num_blocks`` blocks, or as many as fit in ``max_memory``."""
         if num_blocks is not None and max_memory is not None:
             raise ValueError("pass either num_blocks or max_memory, not both")
+        block_size = positive_int("block_size", block_size, "16")
         if num_blocks is None:
             budget = parse_bytes(max_memory if max_memory is not None else DEFAULT_MAX_MEMORY)
             per_block = sum(layout.block_bytes(block_size) for layout in layouts)
@@ -93,14 +99,18 @@ class BlockStore:
         size = self.block_size
         blocks: list[Block] = []
         with self.lock:
-            for index in range(min(max_blocks, len(hashes))):
-                window = tokens[index * size : (index + 1) * size]
-                key = self.chain_key(blocks[-1] if blocks else None, namespace, window, extra_keys)
-                block = self.pool.lookup(hashes[index], key)
-                if block is None:
-                    break
-                self.pool.touch(block)
-                blocks.append(block)
+            try:
+                for index in range(min(max_blocks, len(hashes))):
+                    window = tokens[index * size : (index + 1) * size]
+                    key = self.chain_key(blocks[-1] if blocks else None, namespace, window, extra_keys)
+                    block = self.pool.lookup(hashes[index], key)
+                    if block is None:
+                        break
+                    self.pool.touch(block)
+                    blocks.append(block)
+            except BaseException:
+                self.pool.release(blocks)  # whatever raised, the caller never saw these references
+                raise
         return blocks
 
     def read(self, layer: int, blocks: Sequence[Block]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,38 +131,48 @@ class BlockStore:
         Existing identical blocks are reused (stored once). The chain stops early when the pool is full of
         referenced blocks or a colliding block is in use. The caller releases the returned chain.
         """
-        size = self.block_size
         chain = list(held)
+        with self.lock:
+            try:
+                self._extend(namespace, tokens, hashes, chain, write, extra_keys)
+            except BaseException:
+                self.pool.release(chain[len(held) :])  # only what this call took: ``held`` is the caller's
+                raise
+        return chain
+
+    def _extend(self, namespace, tokens, hashes, chain: list[Block], write: WriteBlocks, extra_keys) -> None:
+        """``extend_chain``'s work, appending each block to ``chain`` as soon as it is referenced."""
+        size = self.block_size
         new_positions: list[int] = []
         new_blocks: list[tuple[Block, BlockHash, tuple]] = []
         pending: set[BlockHash] = set()  # hashes of new blocks not yet published
-        with self.lock:
-            for index in range(len(chain), len(hashes)):
-                window = tokens[index * size : (index + 1) * size]
-                key = self.chain_key(chain[-1] if chain else None, namespace, window, extra_keys)
-                block = self.pool.lookup(hashes[index], key)
-                if block is not None:
-                    self.pool.touch(block)
-                else:
-                    occupant = self.pool.table.get(hashes[index])
-                    if hashes[index] in pending or (occupant is not None and occupant.ref_count > 0):
-                        break  # a collision with a block in use: stop rather than overwrite it
-                    block = self.pool.allocate()
-                    if block is None:
-                        break
-                    new_positions.append(index)
-                    new_blocks.append((block, hashes[index], key))
-                    pending.add(hashes[index])
-                chain.append(block)
-            if new_blocks:
-                try:
-                    write(new_positions, [block.block_id for block, _, _ in new_blocks])
-                except BaseException:
-                    self.pool.release(chain)
-                    raise
-                for block, block_hash, key in new_blocks:
-                    self.pool.cache(block, block_hash, key)
-        return chain
+        for index in range(len(chain), len(hashes)):
+            window = tokens[index * size : (index + 1) * size]
+            key = self.chain_key(chain[-1] if chain else None, namespace, window, extra_keys)
+            block = self.pool.lookup(hashes[index], key)
+            if block is not None:
+                self.pool.touch(block)
+            else:
+                occupant = self.pool.table.get(hashes[index])
+                if hashes[index] in pending or (occupant is not None and occupant.ref_count > 0):
+                    break  # a collision with a block in use: stop rather than overwrite it
+                block = self.pool.allocate()
+                if block is None:
+                    break
+                new_positions.append(index)
+                new_blocks.append((block, hashes[index], key))
+                pending.add(hashes[index])
+            chain.append(block)
+        if new_blocks:
+            write(new_positions, [block.block_id for block, _, _ in new_blocks])
+            for block, block_hash, key in new_blocks:
+                self.pool.cache(block, block_hash, key)
+
+    def __getstate__(self):
+        raise TypeError(
+            "a BlockStore is live memory shared by threads and cannot be pickled or copied; make one per "
+            "process with PrefixCache(model, ...) and share it within the process with store=cache.store"
+        )
 
     def release(self, blocks: Sequence[Block]) -> None:
         with self.lock:
