@@ -286,7 +286,9 @@ def _check_beam_cutoff(
     Returns how many were accepted at a near tie."""
     before = set(mine.hypotheses[step]) & set(theirs.hypotheses[step])
     kept, other = set(mine.hypotheses[step + 1]), set(theirs.hypotheses[step + 1])
-    parent_row = {h: row for row, h in enumerate(mine.hypotheses[step])}
+    parent_row: dict[Hypothesis, int] = {}
+    for row, hypothesis in enumerate(mine.hypotheses[step]):
+        parent_row.setdefault(hypothesis, row)  # step 0: the prompt's first row, the only one scored 0
     near_ties, pushed_out = 0, {True: 0, False: 0}
     for hypothesis in sorted(kept ^ other):
         item, tokens = hypothesis
