@@ -16,6 +16,15 @@ differently (``prefill_chunk_size=5``: bf16 0.016-0.018, fp16 0.002-0.003). The 
 |logit| ~3): no looser, because a tiny model can be so insensitive that 100% noise on the stored keys
 moved bf16 logits by only 0.09 (``test_negative_control_noisy_kv_is_caught``). Tokens must be identical,
 except at a near tie the no-cache run itself had (see ``assert_exact``; seen once in the 210 calls, bf16).
+These maxima were measured on AVX2 kernels; ``test_low_precision_tolerance_is_no_cache_noise`` measures
+the no-cache run's own noise again on the kernels that run the suite.
+
+Beam search in bf16/fp16 (``assert_beams_match``): which hypotheses stay running is itself decided by
+near ties of accumulated scores, so the running beams of two runs can differ without any cache (measured
+on AVX2: 144 no-cache runs against the same with ``prefill_chunk_size`` 3/5/7, 3 families x fp16/bf16 x
+sdpa/eager x 4 prompts: beam sets differed in 14 runs, first at cut-off gaps of 0-0.35 tolerances, and
+the returned sequences in 8 of them; shared beams stayed within 0.57 tolerances, their scores within
+0.86). Beams are therefore compared by the tokens they hold, never by row or nearest logits.
 """
 
 from __future__ import annotations
@@ -246,7 +255,8 @@ def assert_beams_match(
       accepted that way have no counterpart to compare with, and each one may push out one hypothesis
       of the other run; everything else is compared.
     - The returned sequences are identical, except those that continue such an accepted hypothesis (each
-      of which may push one returned sequence of the other run out).
+      of which may push one returned sequence of the other run out), or the same ones swapped at a near
+      tie of their no-cache scores.
     Returns the max |logit diff| over the hypotheses both runs held."""
     assert ref.scores is not None and out.scores is not None, "beam comparison needs output_scores=True"
     assert ref.sequences.shape[1] - len(ref.logits) == out.sequences.shape[1] - len(out.logits), label
@@ -265,12 +275,9 @@ def assert_beams_match(
                 worst = max(worst, diff)
         if step + 1 < steps:
             accepted += _check_beam_cutoff(mine, theirs, step, ref.scores[step], num_beams, tol, label)
-    if not accepted:
-        _assert_same_sequences(ref, out, label)
-        assert len(ref.logits) == len(out.logits), (
-            f"{label}: {len(out.logits)} logit steps != {len(ref.logits)}"
-        )
-        return worst
+    assert accepted or len(ref.logits) == len(out.logits), (
+        f"{label}: {len(out.logits)} logit steps != {len(ref.logits)}"
+    )
     _assert_returned_explained(ref, out, mine, theirs, num_beams, tol, label)
     return worst
 
@@ -278,8 +285,9 @@ def assert_beams_match(
 def _assert_returned_explained(
     ref, out, mine: BeamReplay, theirs: BeamReplay, num_beams: int, tol: float, label: str
 ) -> None:
-    """After a near tie was accepted: each returned sequence only one run returned must continue a
-    hypothesis only that run held, or be pushed out by one that does (at most one per such sequence)."""
+    """The returned sequences are identical, except that each one only one run returned may continue a
+    hypothesis only that run held (accepted at a near tie), and push one of the other run's out; the same
+    sequences in another order are accepted only where their no-cache scores tie within ``tol``."""
     assert ref.sequences.shape[0] == out.sequences.shape[0], f"{label}: another number of returned rows"
     width = ref.sequences.shape[1] - len(ref.logits)
     items = ref.logits[0].shape[0] // num_beams
@@ -308,7 +316,12 @@ def _assert_returned_explained(
         )
         if not ref_alone and not out_alone:  # the same sequences in another order: a near tie of their scores
             rows = range(item * per_item, (item + 1) * per_item)
-            swapped = [float(ref.sequences_scores[r]) for r, x, y in zip(rows, a, b) if x != y]
+            scores = getattr(ref, "sequences_scores", None)
+            swapped = (
+                [float(scores[r]) for r, x, y in zip(rows, a, b) if x != y]
+                if scores is not None
+                else [0, 2 * tol]
+            )
             assert max(swapped) - min(swapped) <= tol, (
                 f"{label}: prompt {item}: returned in another order, no-cache scores {swapped} not a near tie"
             )

@@ -125,7 +125,7 @@ def test_beams_held_in_another_row_order_are_accepted():
 def test_different_final_sequences_are_rejected():
     ref, out = _two_runs(0.0, flip=False)  # no near tie anywhere: the returned sequences must be identical
     out.sequences[0, -1] = 6
-    with pytest.raises(AssertionError, match="differs from the no-cache run"):
+    with pytest.raises(AssertionError, match="returned sequences differ from the no-cache run"):
         assert_beams_match(ref, out, TOL, torch.float16, "final", 2, STOP)
     ref, out = _two_runs(0.004)  # a near tie, but (3, 3, 6) does not continue the beam it let in
     out.sequences[0, -1] = 6
@@ -189,3 +189,18 @@ def test_replayed_beams_hold_what_generate_computed(family, dtype, length, seed)
                 direct = model(ids).logits[0, -1].float()
             diff = float((direct - out.logits[step][row].float()).abs().max())
             assert diff <= tol, (step, row, tokens, diff)
+
+
+def test_returned_sequences_swapped_only_at_a_near_tie_of_their_scores():
+    """Two returned sequences in the other order: accepted where the no-cache run scored them within the
+    tolerance of each other, rejected otherwise."""
+    for gap, accepted in ((0.004, True), (0.5, False)):
+        ref, out = _two_runs(0.0, flip=False)
+        ref.sequences = torch.tensor([[9, 9, 3, 3, 5], [9, 9, 4, 3, 5]])
+        out.sequences = ref.sequences.flip(0)
+        ref.sequences_scores = torch.tensor([-1.0, -1.0 - gap])
+        if accepted:
+            assert assert_beams_match(ref, out, TOL, torch.float16, "order", 2, STOP) == 0.0
+        else:
+            with pytest.raises(AssertionError, match="returned in another order"):
+                assert_beams_match(ref, out, TOL, torch.float16, "order", 2, STOP)
