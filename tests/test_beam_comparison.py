@@ -204,3 +204,19 @@ def test_returned_sequences_swapped_only_at_a_near_tie_of_their_scores():
         else:
             with pytest.raises(AssertionError, match="returned in another order"):
                 assert_beams_match(ref, out, TOL, torch.float16, "order", 2, STOP)
+
+
+def test_a_near_tie_at_the_first_step_is_judged_on_the_scored_prompt_row():
+    """At step 0 every row holds the prompt, and only the first is scored 0 (the others -1e9): a beam
+    held by one run only at the first cut-off is judged on its score from that row."""
+    for gap, accepted in ((0.004, True), (0.5, False)):
+        first = {3: -1.0, 4: -1.5, 6: -1.5 - gap}
+        steps = [[first, first], [{5: -0.1}, {5: -0.2}]]
+        ref, out = _run(steps, [[3, 5]]), _run(steps, [[3, 5]])
+        out.scores[0][:, 6] = -1.5 + gap / 2  # the other run keeps (6,) instead of (4,)
+        assert replay_beams(out.scores, 2, STOP).hypotheses[1] == [(0, (3,)), (0, (6,))]
+        if accepted:
+            assert assert_beams_match(ref, out, TOL, torch.float16, "first", 2, STOP) == 0.0
+        else:
+            with pytest.raises(AssertionError, match=r"step 0: beam \(0, \(4,\)\).*not a near tie"):
+                assert_beams_match(ref, out, TOL, torch.float16, "first", 2, STOP)
