@@ -24,7 +24,8 @@ near ties of accumulated scores, so the running beams of two runs can differ wit
 on AVX2: 144 no-cache runs against the same with ``prefill_chunk_size`` 3/5/7, 3 families x fp16/bf16 x
 sdpa/eager x 4 prompts: beam sets differed in 14 runs, first at cut-off gaps of 0-0.35 tolerances, and
 the returned sequences in 8 of them; shared beams stayed within 0.57 tolerances, their scores within
-0.86). Beams are therefore compared by the tokens they hold, never by row or nearest logits.
+0.86; the scalar kernels, ``ATEN_CPU_CAPABILITY=default``, changed no beam). Beams are therefore compared
+by the tokens they hold, never by row or nearest logits, and all 144 runs pass ``assert_beams_match``.
 """
 
 from __future__ import annotations
