@@ -40,8 +40,12 @@ def tiny_config(family: str, sliding_window: int = 8):
     if family == "phi3":
         return Phi3Config(**{**DECODER, "num_key_value_heads": 4})
     if family == "gemma3":
+        # query_pre_attn_scalar = head_dim, as in released Gemma 3 checkpoints. The config's default (256)
+        # scaled this tiny model's attention scores down 4x, so attention was nearly uniform and bf16
+        # logits barely moved when the stored keys were corrupted (issue 13, item 6).
         return Gemma3TextConfig(
             head_dim=16,
+            query_pre_attn_scalar=16,
             sliding_window=sliding_window,
             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
             **{**DECODER, "num_hidden_layers": 3},
