@@ -54,6 +54,7 @@ class DecodingLoop:
         ("dola_generation", dict(dola_layers="low")),
         ("group_beam_search", dict(num_beams=4, num_beam_groups=2, diversity_penalty=1.0)),
     ],
+    ids=["contrastive_search", "dola_generation", "group_beam_search"],
 )
 def test_other_generation_modes_fall_back_with_one_warning(mode, kwargs):
     model = model_for("llama")
@@ -103,7 +104,9 @@ def _llava():
 
 
 @pytest.mark.parametrize(
-    ("build", "reason"), [(_t5, "encoder-decoder"), (_bart, "encoder-decoder"), (_llava, "multimodal")]
+    ("build", "reason"),
+    [(_t5, "encoder-decoder"), (_bart, "encoder-decoder"), (_llava, "multimodal")],
+    ids=["t5", "bart", "llava"],
 )
 def test_encoder_decoders_and_multimodal_models_fall_back_up_front(build, reason):
     torch.manual_seed(0)
