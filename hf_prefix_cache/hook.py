@@ -85,6 +85,10 @@ def check_model(cache, model: torch.nn.Module) -> None:
 
 def run_generate(cache, original, args: tuple, kwargs: dict):
     """One ``generate()`` call through ``cache``: prepare, generate, commit; release on any exception."""
+    if cache.store is None:
+        # The whole model falls back (warned once, up front). generate() builds the cache the model needs:
+        # a plain DynamicCache handed to an encoder-decoder would serve cross-attention K/V as self-attention.
+        return original(*args, **{k: v for k, v in kwargs.items() if k not in CACHE_KWARGS})
     config = _effective_config(cache.model, args, kwargs)
     input_ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
     reason = _call_fallback_reason(cache, config, input_ids, kwargs)

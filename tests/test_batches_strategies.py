@@ -86,10 +86,17 @@ def _early_stop_batch(model):
     rows = [random_ids(22, 40)[0].tolist(), random_ids(17, 41)[0].tolist(), random_ids(26, 42)[0].tolist()]
     ids, mask = left_pad(rows)
     probe = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=10)
-    # a token row 1 emits at its 2nd step becomes an extra EOS: row 1 stops early, the others (most likely)
-    # later or never
-    stop = probe[1, ids.shape[1] + 1].item()
-    return rows, ids, mask, stop
+    # a token row 1 emits becomes an extra EOS: row 1 stops early, the others (most likely) later or never.
+    # It is the first new token after which row 1's prompt + reply fill a block its prompt alone did not,
+    # so that a reply block is stored (and checked) before the stop.
+    reply = probe[1, ids.shape[1] :].tolist()
+    first_block_end = len(rows[1]) // 4 * 4 + 4
+    step = next(
+        k
+        for k in range(1, 8)
+        if len(rows[1]) + k + 1 >= first_block_end and reply[k] not in [*reply[:k], EOS]
+    )
+    return rows, ids, mask, reply[step]
 
 
 @pytest.mark.parametrize("how", ["eos", "stopping_criteria"])
@@ -115,7 +122,7 @@ def test_rows_that_stop_early_store_no_padding(family, how):
 
     sequences = outcome.out.sequences
     steps = sequences.shape[1] - width
-    padded_rows = 0
+    padded_rows = reply_blocks = 0
     stored = stored_sequences(cache)
     for index, prompt in enumerate(rows):
         reply = sequences[index, width:].tolist()
@@ -129,6 +136,7 @@ def test_rows_that_stop_early_store_no_padding(family, how):
         padded_rows += 1
         assert set(reply[end:]) <= {PAD}, f"row {index}: after its stop come pads {reply}"
         real = prompt + reply[:end]
+        reply_blocks += len(real) // 4 > len(prompt) // 4  # a stored block holds reply tokens
         # the row's real tokens up to its stop are stored, as far as they fill blocks
         assert tuple(real[: len(real) // 4 * 4]) in stored or len(real) < 4
         # no stored block extends the row past its stop into the padding
@@ -142,6 +150,7 @@ def test_rows_that_stop_early_store_no_padding(family, how):
         # ... and hits exactly the row's real blocks, not one token of the padding after them
         assert again.hit_tokens == oracle.hit(follow[0].tolist()) == len(real) // 4 * 4
     assert padded_rows >= 1, "no row stopped early: the test would prove nothing"
+    assert reply_blocks >= 1, "no early-stopped row filled a reply block: only prompts were checked"
 
 
 # -- fallbacks --------------------------------------------------------------------------------------------------
@@ -275,20 +284,31 @@ def test_text_generation_pipeline_reuses_the_conversation(cache_kw):
     first_ref = pipe(chat, **GREEDY)
     first = pipe(chat, **GREEDY, **{cache_kw: cache})
     assert first == first_ref and cache.last_call.hit_tokens == 0
+    first_ids = _chat_ids(tokenizer, chat)
+    # what the first call stored: its prompt and the reply tokens that went through the model
+    stored = model.generate(torch.tensor([first_ids]), **GREEDY)[0, :-1].tolist()
+    assert len(stored) > len(first_ids) // 4 * 4 + 4, "the reply fills no block: replies would go unchecked"
     chat = [*first[0]["generated_text"], {"role": "user", "content": "And again?"}]
     second_ref = pipe(chat, **GREEDY)
     second = pipe(chat, **GREEDY, **{cache_kw: cache})
     assert second == second_ref
-    text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-    prompt_len = len(tokenizer(text, add_special_tokens=False).input_ids)
-    assert cache.last_call.prompt_tokens == prompt_len
-    assert cache.last_call.hit_tokens >= 60  # the whole first turn (63 tokens) up to its last block
+    second_ids = _chat_ids(tokenizer, chat)
+    assert cache.last_call.prompt_tokens == len(second_ids)
+    # the whole first turn, its reply included, up to the last full block both share
+    shared = next((i for i, (a, b) in enumerate(zip(stored, second_ids)) if a != b), len(stored))
+    assert cache.last_call.hit_tokens == min(shared, len(second_ids) - 1) // 4 * 4
+    assert cache.last_call.hit_tokens > len(first_ids) // 4 * 4, "the first reply's blocks were not reused"
     assert cache.store.pool.num_referenced == 0
     # a batch through the pipeline (left padding by the tokenizer)
     texts = ["<s>u:hello there\n<s>a:", "<s>u:Say something nice, please.\n<s>a:"]
     batch_ref = pipe(texts, batch_size=2, **GREEDY)
     batch = pipe(texts, batch_size=2, **GREEDY, **{cache_kw: cache})
     assert batch == batch_ref
+
+
+def _chat_ids(tokenizer, chat) -> list[int]:
+    text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
 
 
 def test_stop_strings_with_a_tokenizer():

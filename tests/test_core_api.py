@@ -65,6 +65,15 @@ def test_salts_do_not_share_blocks(model):
     run(model, tenant_a, prompt)
     run(model, tenant_b, prompt)
     assert tenant_b.last_call.hit_tokens == 0
+    # the same views do hit where the salt matches: the 0 above is the salt, not a cache that never hits
+    run(model, tenant_b, prompt)
+    assert tenant_b.last_call.hit_tokens == 28
+    again_a = PrefixCache(model, store=tenant_a.store, cache_salt="a")
+    run(model, again_a, prompt)
+    assert again_a.last_call.hit_tokens == 28
+    unsalted = PrefixCache(model, store=tenant_a.store)
+    run(model, unsalted, prompt)
+    assert unsalted.last_call.hit_tokens == 0
 
 
 def test_a_weight_update_invalidates_stored_blocks(model):
@@ -86,6 +95,12 @@ def test_another_model_never_hits(model):
     shared = PrefixCache(other, store=cache.store)
     run(other, shared, prompt)
     assert shared.last_call.hit_tokens == 0
+    # the same store and view do hit for their own model: the 0 above is the model's identity
+    run(other, shared, prompt)
+    assert shared.last_call.hit_tokens == 28
+    same_model = PrefixCache(model, store=cache.store)
+    run(model, same_model, prompt)
+    assert same_model.last_call.hit_tokens == 28
 
 
 def test_clear_drops_everything(model):
@@ -116,16 +131,24 @@ def test_stats_count_tokens_and_evictions(model):
 
 
 def test_wrapper_is_idempotent_removable_and_passive_without_a_prefix_cache(model):
-    PrefixCache(model, block_size=BLOCK, num_blocks=8)
+    first = PrefixCache(model, block_size=BLOCK, num_blocks=8)
     wrapped = model.generate
-    PrefixCache(model, block_size=BLOCK, num_blocks=8)
+    second = PrefixCache(model, block_size=BLOCK, num_blocks=8)
     assert model.generate is wrapped and hf_prefix_cache.is_installed(model)
     prompt = random_ids(10, seed=9)
-    assert torch.equal(
-        model.generate(prompt, max_new_tokens=3, do_sample=False), wrapped(prompt, max_new_tokens=3)
-    )
+    # without a PrefixCache the wrapper hands every argument, unchanged, to the class's own generate()
+    kwargs = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    through_wrapper = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+    unwrapped = type(model).generate(model, prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+    assert_same_output(unwrapped, through_wrapper)
+    assert through_wrapper.sequences.shape == (1, 13)
+    plain = type(model).generate(model, prompt, max_new_tokens=3)  # no mask, tensor output
+    assert torch.equal(model.generate(prompt, max_new_tokens=3), plain) and plain.shape == (1, 13)
+    assert all(cache.stats.calls == 0 for cache in (first, second))  # no cache was consulted
     assert hf_prefix_cache.uninstall(model)
     assert not hf_prefix_cache.is_installed(model) and not hf_prefix_cache.uninstall(model)
+    assert "generate" not in model.__dict__  # the class's generate() is back
+    assert torch.equal(model.generate(prompt, max_new_tokens=3), plain)
 
 
 def test_right_padding_is_refused_with_the_fix(model):

@@ -85,10 +85,14 @@ def test_prompt_that_is_exactly_a_cached_prefix(model, length):
     recorder = PrefillRecorder(model)
     expected, actual = cached_and_plain(model, cache, prompt)
     assert_same_output(expected, actual)
+    recorder.remove()
     hit = cache.last_call.hit_tokens
     assert hit == (length - 1) // BLOCK * BLOCK
     assert hit < length
-    recorder.remove()
+    # forwards: the plain run's (the whole prompt, then one per new token), then the cached run's, whose
+    # prefill is fed exactly the uncached tail: at least the last prompt token
+    steps = len(expected.logits)
+    assert recorder.lengths == [length] + [1] * (steps - 1) + [length - hit] + [1] * (steps - 1)
 
 
 def test_explicit_prepare_and_commit_without_the_wrapper(model):

@@ -12,12 +12,14 @@ import math
 import pandas as pd
 import pytest
 import torch
+from exactness import StoredPrefixes
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
+from hf_prefix_cache_eval import runner
 from hf_prefix_cache_eval.__main__ import main
 from hf_prefix_cache_eval.config import EvalConfig
-from hf_prefix_cache_eval.data import Conversation, Turn
+from hf_prefix_cache_eval.data import Conversation, Turn, load_conversations
 from hf_prefix_cache_eval.metrics import (
     TurnRecord,
     auto_bin_width,
@@ -26,7 +28,7 @@ from hf_prefix_cache_eval.metrics import (
     speedup_pivot,
     summarize,
 )
-from hf_prefix_cache_eval.modes import MODE_NAMES
+from hf_prefix_cache_eval.modes import MODE_NAMES, greedy_config, trim_at_stop
 from hf_prefix_cache_eval.replay import Replay, render_prompt
 from hf_prefix_cache_eval.report import format_report
 from hf_prefix_cache_eval.runner import recipe_prefix, run_evaluation
@@ -304,8 +306,44 @@ def test_run_is_exact_and_reuses_prefixes(results):
     cached = frame[frame["mode"] == "prefix_cache"].set_index("step")
     assert cached.loc[0, "hit_tokens"] == 0  # the warm-up left nothing behind
     later = cached[cached["turn"] > 1]
-    assert (later["hit_tokens"] > prefix_tokens).all()  # the history, replies included, was reused
+    assert (later["hit_tokens"] > prefix_tokens).all()  # more than the shared system prompt was reused
     assert (frame["ttft_s"] > 0).all() and (frame["e2e_s"] >= frame["ttft_s"]).all()
+
+
+def test_prefix_cache_hits_every_earlier_prompt_and_reply(results, model, tokenizer, dataset):
+    """Each prefix_cache turn reuses exactly the full blocks that earlier turns' prompts and replies share
+    with its prompt (replayed here from the recorded replies), and computes only the rest."""
+    config = results.config
+    replay = Replay(load_conversations(str(dataset)), tokenizer, system_prompt=SYSTEM, history=config.history)
+    generation = greedy_config(model, config.max_new_tokens)
+    oracle = StoredPrefixes(config.block_size)
+    cached = results.frame().query("mode == 'prefix_cache'").set_index("step")
+    earlier_prompts: list[list[int]] = []
+    reply_hits = 0  # turns whose hit needs an earlier reply: more than any earlier prompt alone shares
+    for pending, turn in zip(replay, results.turns, strict=True):
+        prompt = pending.prompt_ids
+        record = cached.loc[pending.step]
+        assert (record["conversation"], record["turn"]) == (turn["conversation"], turn["turn"])
+        assert record["prompt_tokens"] == len(prompt) == turn["prompt_tokens"]
+        assert record["hit_tokens"] == oracle.hit(prompt), f"step {pending.step}"
+        assert record["computed_tokens"] == record["prompt_tokens"] - record["hit_tokens"]
+        prompts_only = max((_shared_blocks(prompt, p, config.block_size) for p in earlier_prompts), default=0)
+        reply_hits += record["hit_tokens"] > prompts_only
+        ids = torch.tensor([prompt])
+        reply = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=generation)
+        reply = trim_at_stop(reply[0, len(prompt) :].tolist(), {2})
+        assert tokenizer.decode(reply, skip_special_tokens=True).strip() == turn["baseline_reply"]
+        oracle.store(prompt + reply[:-1])  # the last new token is never fed to the model
+        earlier_prompts.append(prompt)
+        replay.record_reply(pending, turn["baseline_reply"])
+    assert reply_hits >= 1, "no turn reused a reply block: the check would not see replies go missing"
+
+
+def _shared_blocks(prompt: list[int], earlier: list[int], block: int) -> int:
+    common = next(
+        (i for i, (a, b) in enumerate(zip(prompt, earlier)) if a != b), min(len(prompt), len(earlier))
+    )
+    return min(common, len(prompt) - 1) // block * block
 
 
 def test_report_files_hold_the_results(results):
@@ -322,11 +360,39 @@ def test_report_files_hold_the_results(results):
     assert {"mode", "turn", "ttft_s", "e2e_s", "prompt_tokens", "hit_rate", "match", "context_bin"} <= set(
         csv
     )
+    assert_files_hold(results, files["json"].parent)
     for name in ("summary", "ttft_by_turn", "ttft_vs_context", "hit_rate_by_turn"):
         data = results.plot_paths[name].read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5000
     table = format_report(results)
     assert "TTFT p50" in table and "prefix_cache" in table and "by turn" in table
+
+
+def assert_files_hold(results, directory) -> None:
+    """results.csv and results.json hold the in-memory results, value for value (NaN written as empty/null)."""
+    frame = results.frame()
+    assert not frame.empty
+    assert_same_table(pd.read_csv(directory / "results.csv"), frame, "results.csv")
+    payload = json.loads((directory / "results.json").read_text())
+    assert_same_table(pd.DataFrame(payload["records"]), frame, "results.json records")
+    summary = results.summary_frame().reset_index()
+    assert_same_table(pd.DataFrame(payload["summary"]), summary, "results.json summary")
+    assert payload["turns"] == results.turns
+    assert payload["modes"]["prefix_cache"]["stats"] == results.modes["prefix_cache"]["stats"]
+
+
+def assert_same_table(read: pd.DataFrame, expected: pd.DataFrame, name: str) -> None:
+    assert list(read.columns) == list(expected.columns), name
+    assert len(read) == len(expected), name
+    for column in expected.columns:
+        want, got = expected[column].reset_index(drop=True), read[column]
+        if pd.api.types.is_numeric_dtype(want) and not pd.api.types.is_bool_dtype(want):
+            want, got = want.astype(float).to_numpy(), got.astype(float).to_numpy()
+            assert ((want == got) | (pd.isna(want) & pd.isna(got))).all(), f"{name}: column {column} differs"
+        else:
+            want = [None if pd.isna(v) else v for v in want.astype(object)]
+            got = [None if pd.isna(v) else v for v in got.astype(object)]
+            assert [str(v) for v in got] == [str(v) for v in want], f"{name}: column {column} differs"
 
 
 def test_without_system_prompt_the_recipe_says_why(model, tokenizer, dataset):
@@ -366,12 +432,17 @@ def test_a_small_store_evicts_and_stays_exact(model, tokenizer, dataset):
     assert results.summary_frame().loc["prefix_cache", "mismatches"] == 0
 
 
-def test_cli_end_to_end_on_a_local_model_folder(model, tokenizer, dataset, tmp_path, capsys):
+def test_cli_end_to_end_on_a_local_model_folder(model, tokenizer, dataset, tmp_path, capsys, monkeypatch):
     folder = tmp_path / "tiny-model"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     system_file = tmp_path / "system.txt"
     system_file.write_text(SYSTEM, encoding="utf-8")
+    ran = []
+    run_evaluation_now = runner.run_evaluation
+    monkeypatch.setattr(
+        runner, "run_evaluation", lambda config: ran.append(run_evaluation_now(config)) or ran[-1]
+    )
     code = main(
         [
             "--model", str(folder), "--dataset", str(dataset), "--system-prompt-file", str(system_file),
@@ -388,6 +459,10 @@ def test_cli_end_to_end_on_a_local_model_folder(model, tokenizer, dataset, tmp_p
     assert payload["environment"]["context_limit_tokens"] == 400
     assert {"baseline", "prefix_cache"} <= {row["mode"] for row in payload["summary"]}
     assert (run_dir / "summary.png").is_file() and (run_dir / "results.csv").is_file()
+    (results,) = ran
+    assert results.output_dir == run_dir
+    assert_files_hold(results, run_dir)
+    assert results.summary_frame().loc["prefix_cache", "mismatches"] == 0
 
 
 def test_cli_rejects_bad_options(capsys):

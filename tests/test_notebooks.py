@@ -62,6 +62,23 @@ def clear_outputs(path: Path) -> bool:
     return after != before
 
 
+# Notebooks whose results are checked inside the notebook (a failing assert fails test_notebook_runs): what
+# each must assert, so that the checks cannot be dropped while the notebook still runs.
+CHECKED_RESULTS = {
+    "multiturn_latency": ['["mismatches"] == 0', '"hit_tokens"] >= previous'],
+    "block_size_and_memory": ['["evicted_blocks"] == 0', '["hit_tokens"] == expected'],
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHECKED_RESULTS))
+def test_notebook_asserts_its_results(name):
+    notebook = nbformat.read(NOTEBOOKS_DIR / f"{name}.ipynb", as_version=4)
+    code = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "code")
+    missing = [check for check in CHECKED_RESULTS[name] if check not in code]
+    assert not missing, f"{name}.ipynb no longer checks {missing}"
+    assert code.count("assert ") >= len(CHECKED_RESULTS[name])
+
+
 def test_every_notebook_is_described_in_the_readme():
     readme = (NOTEBOOKS_DIR / "README.md").read_text(encoding="utf-8")
     missing = [path.name for path in NOTEBOOKS if path.name not in readme]

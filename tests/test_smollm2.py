@@ -34,7 +34,10 @@ def test_two_turn_chat_is_identical_and_reuses_the_history(smollm2):
             "content": "My Aurora X2 speaker keeps disconnecting from Wi-Fi. What should I try?",
         },
     ]
-    hit_rates = []
+    stored: list[
+        int
+    ] = []  # what the cache holds: each call's prompt + reply tokens that went through the model
+    hits = []
     for _ in range(2):
         inputs = chat(tokenizer, messages)
         settings = dict(max_new_tokens=24, do_sample=False, output_logits=True, return_dict_in_generate=True)
@@ -43,14 +46,25 @@ def test_two_turn_chat_is_identical_and_reuses_the_history(smollm2):
         assert torch.equal(plain.sequences, cached.sequences)
         worst = max((a - b).abs().max().item() for a, b in zip(plain.logits, cached.logits))
         assert worst < 1e-3, worst
-        hit_rates.append(cache.last_call.hit_rate)
-        reply = tokenizer.decode(
-            cached.sequences[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
-        )
+        prompt = inputs["input_ids"][0].tolist()
+        hits.append((cache.last_call.hit_tokens, expected_hit(stored, prompt, cache.block_size), len(prompt)))
+        stored = cached.sequences[0, :-1].tolist()  # the last generated token is never fed to the model
+        reply = tokenizer.decode(cached.sequences[0, len(prompt) :], skip_special_tokens=True)
         messages += [
             {"role": "assistant", "content": reply},
             {"role": "user", "content": "And if that fails?"},
         ]
-    assert hit_rates[0] == 0.0
-    assert hit_rates[1] > 0.8, hit_rates
+    (first_hit, _, first_len), (second_hit, expected, _) = hits
+    assert first_hit == 0
+    # turn 2 reuses the whole first turn, its generated reply included, up to the last full shared block
+    assert second_hit == expected, hits
+    assert second_hit > first_len // cache.block_size * cache.block_size, "the reply's blocks were not reused"
     assert cache.store.pool.num_referenced == 0
+
+
+def expected_hit(stored: list[int], prompt: list[int], block: int) -> int:
+    """Full blocks of ``prompt`` that ``stored`` already holds, never the last prompt token."""
+    common = next(
+        (i for i, (a, b) in enumerate(zip(stored, prompt)) if a != b), min(len(stored), len(prompt))
+    )
+    return min(common, len(prompt) - 1) // block * block

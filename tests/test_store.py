@@ -108,6 +108,8 @@ def test_referenced_blocks_are_never_evicted():
     pinned = store.match("ns", tokens, hashes, 2)
     store_tokens(store, [70, 71, 72, 73])  # no free block: nothing stored, nothing evicted
     assert store.pool.evictions == 0 and len(pinned) == 2
+    assert store.pool.num_cached == 2 and match(store, [70, 71, 72, 73]) == []
+    assert len(match(store, tokens)) == 2  # the pinned chain is intact
     store.release(pinned)
     store_tokens(store, [70, 71, 72, 73])
     assert store.pool.evictions == 1
@@ -123,6 +125,8 @@ def test_capacity_is_never_exceeded_and_references_balance(prompts):
         assert store.pool.num_referenced == 0
         assert len(store.pool.free) == 5
         blocks = match(store, tokens)
+        # 5 blocks always hold the (at most 3-block) chain just stored: all of it matches, block for block
+        assert len(blocks) == len(tokens) // BLOCK
         assert all(b.key[1] == tuple(tokens[i * BLOCK : (i + 1) * BLOCK]) for i, b in enumerate(blocks))
 
 
