@@ -10,6 +10,7 @@ layers, so nothing of one call leaks into the next.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from collections.abc import Hashable, Sequence
@@ -30,6 +31,7 @@ from .recording import record_call, replies_of
 from .stats import CacheStats, CallStats
 from .store import BlockStore
 from .support import unsupported_reason
+from .tiers.setup import make_tiers
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,9 @@ class PrefixCache(DynamicCache):
         store: an existing ``BlockStore`` to share (e.g. ``cache.store``), for a second view.
         extra_keys: hashed into every block, for anything besides tokens that changes K/V (an adapter).
         install: wrap ``model.generate``; with ``False`` call ``prepare`` and ``commit`` yourself.
+        host_memory: size of a host-RAM tier ("8GiB") that keeps blocks the device pool evicts.
+        disk: a folder for a disk tier that survives restarts and may be shared by processes.
+        disk_size: the most the disk folder may hold (least recently used entries go first).
     """
 
     def __init__(
@@ -63,6 +68,9 @@ class PrefixCache(DynamicCache):
         store: BlockStore | None = None,
         extra_keys: tuple[Hashable, ...] = (),
         install: bool = True,
+        host_memory: int | str | None = None,
+        disk: str | os.PathLike | None = None,
+        disk_size: int | str | None = None,
     ):
         self.model = model
         self._warned: set[str] = set()  # fallback messages already shown: each is shown once
@@ -78,6 +86,13 @@ class PrefixCache(DynamicCache):
                 self.fallback = str(error)
             else:
                 self.store = self._resolve_store(layouts, store, block_size, max_memory, num_blocks)
+                if host_memory is not None or disk is not None or disk_size is not None:
+                    if store is not None:
+                        raise ValueError(
+                            "tiers belong to the store: pass host_memory=/disk= to the first PrefixCache, "
+                            "and store=cache.store to the others"
+                        )
+                    self.store.attach_tiers(make_tiers(layouts, host_memory, disk, disk_size))
                 layers = [
                     PrefixSlidingLayer(layout.sliding_window) if layout.sliding_window else PrefixFullLayer()
                     for layout in layouts
@@ -157,18 +172,21 @@ class PrefixCache(DynamicCache):
             return self
         size = self.block_size
         call = self._call = CallState(self.namespace, rows, ids.shape[1], num_expand)
+        sources: list[list[str]] = [[] for _ in rows]  # the tier of each hit block, per row
         try:
-            for row in rows:
+            for row, row_sources in zip(rows, sources):
                 row.hashes = hash_blocks(call.root, row.tokens, size, self.extra_keys)
                 usable = (len(row.tokens) - 1) // size  # the last prompt token is always computed
-                row.hits = self.store.match(call.namespace, row.tokens, row.hashes, usable, self.extra_keys)
+                row.hits = self.store.match(
+                    call.namespace, row.tokens, row.hashes, usable, self.extra_keys, row_sources
+                )
             call.loaded = min(row.pad + len(row.hits) * size for row in rows)
             if call.loaded > 0:
                 place_prefix(self.layers, self.store, call)
         except BaseException:
             self.release()
             raise
-        self._count(rows, call.loaded)
+        self._count(rows, call.loaded, sources)
         self.last_call.lookup_s = time.perf_counter() - started
         return self
 
@@ -259,10 +277,21 @@ class PrefixCache(DynamicCache):
         return HitReport(tokens, hit, matched, size, pieces)
 
     # -- stats -------------------------------------------------------------------------------------
-    def _count(self, rows: list[PromptRow], loaded: int) -> None:
+    def _count(self, rows: list[PromptRow], loaded: int, sources: list[list[str]] | None = None) -> None:
         prompt = sum(len(row.tokens) for row in rows)
         hit = sum(max(0, loaded - row.pad) for row in rows)
         self.last_call = CallStats(prompt_tokens=prompt, hit_tokens=hit, computed_tokens=prompt - hit)
+        size = self.block_size
+        for row, row_sources in zip(rows, sources or []):
+            used = max(0, loaded - row.pad)  # tokens of this row actually placed, block by block
+            for index, tier in enumerate(row_sources):
+                tokens = min(size, used - index * size)
+                if tokens <= 0:
+                    break
+                self.last_call.hit_tokens_by_tier[tier] = (
+                    self.last_call.hit_tokens_by_tier.get(tier, 0) + tokens
+                )
+                self._hit_tokens_by_tier[tier] = self._hit_tokens_by_tier.get(tier, 0) + tokens
         self._calls += 1
         self._prompt_tokens += prompt
         self._hit_tokens += hit
@@ -270,11 +299,13 @@ class PrefixCache(DynamicCache):
     def reset_stats(self) -> None:
         """Zero the counters (the store's gauges are unaffected)."""
         self._calls = self._prompt_tokens = self._hit_tokens = 0
+        self._hit_tokens_by_tier: dict[str, int] = {}
         self._evictions_at_reset = self.store.pool.evictions if self.store else 0
 
     @property
     def stats(self) -> CacheStats:
         pool = self.store.pool if self.store else None
+        tiers = self.store.tiers if self.store else None
         return CacheStats(
             calls=self._calls,
             prompt_tokens=self._prompt_tokens,
@@ -289,12 +320,37 @@ class PrefixCache(DynamicCache):
             used_bytes=self.store.used_bytes if self.store else 0,
             capacity_bytes=self.store.capacity_bytes if self.store else 0,
             fallback=self.fallback,
+            hit_tokens_by_tier=self._tier_hits(),
+            tier_errors=tiers.errors if tiers else 0,
+            tiers=tiers.counters() if tiers else {},
         )
 
+    def _tier_hits(self) -> dict[str, int]:
+        names = ["device"] + (
+            [t.name for t in self.store.tiers.tiers] if self.store and self.store.tiers else []
+        )
+        return {name: self._hit_tokens_by_tier.get(name, 0) for name in names}
+
     def clear(self) -> int:
-        """Drop every stored block of the store (shared views included), e.g. after a weight update."""
+        """Drop every stored block of the store (shared views included), e.g. after a weight update.
+
+        With tiers: the host tier is emptied too, and the disk tier loses this cache's namespace (model,
+        weights, salt, extra keys). Disk entries of other namespaces stay: other models or processes may
+        be using them; they age out under ``disk_size``. Returns the number of device blocks dropped.
+        """
         self.release()
-        return self.store.clear() if self.store else 0
+        if self.store is None:
+            return 0
+        dropped = self.store.clear()
+        if self.store.tiers is not None:
+            self.store.tiers.clear(self.store.tiers.namespace(self.namespace, self.extra_keys))
+        return dropped
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Block until queued disk writes are durable (or ``timeout`` seconds pass: then False)."""
+        if self.store is None or self.store.tiers is None:
+            return True
+        return self.store.tiers.flush(timeout)
 
     def _warn(self, message: str) -> None:
         if message not in self._warned:
