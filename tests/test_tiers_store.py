@@ -142,7 +142,7 @@ def test_host_and_disk_together_continue_the_chain_in_order(tmp_path):
     store.tiers.flush(10)
     fresh = make_store(6, host=2 * BLOCK_BYTES, disk=tmp_path)
     fresh.tiers.tiers[0].put(tier_ns(), synthetic_chain(TOKENS)[1][:2])
-    blocks, sources, keys = match(fresh, TOKENS)
+    _blocks, sources, keys = match(fresh, TOKENS)
     assert sources == ["host", "host", "disk", "disk", "disk", "disk"]
     assert torch.equal(keys, expected_keys(TOKENS, 6))
 
