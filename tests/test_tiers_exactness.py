@@ -151,3 +151,39 @@ def test_clear_empties_every_tier_of_the_namespace(tmp_path):
     assert list(tmp_path.rglob("*.kvb")) == [] and len(cache.store.tiers.host) == 0
     outcome = _call(model, cache, GREEDY, prompt)
     assert outcome.hit_tokens == 0
+
+
+def _multi_turn_workload(cache: PrefixCache, model, conversations: int = 8, turns: int = 3):
+    """Round-robin turns of ``conversations`` chats sharing a system prompt; returns (hit rate, outputs)."""
+    system = new_tokens(20, 100)
+    histories = [system + new_tokens(10, 200 + c) for c in range(conversations)]
+    outputs = []
+    cache.reset_stats()
+    for turn in range(turns):
+        for index in range(conversations):
+            ids = torch.tensor([histories[index]])
+            out = model.generate(
+                ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6, cache=cache
+            )
+            outputs.append(out[0].tolist())
+            histories[index] = out[0].tolist() + new_tokens(8, 300 + 10 * turn + index)
+    return cache.stats.hit_rate, outputs
+
+
+def test_a_small_device_pool_spilling_to_host_hits_like_a_pool_holding_everything():
+    """Device = 25% of the working set, host = all of it: hit rate within 2 points of a full device."""
+    model = model_for("llama")
+    full = PrefixCache(model, block_size=4, num_blocks=1024)
+    full_rate, full_out = _multi_turn_workload(full, model)
+    working_set = full.store.pool.num_cached
+    quarter = working_set // 4
+    assert quarter >= max(len(tokens) for tokens in full_out) // 4, "a call must fit in the quarter pool"
+    per_block = sum(layout.block_bytes(4) for layout in full.store.layouts)
+    spilled = PrefixCache(model, block_size=4, num_blocks=quarter, host_memory=working_set * per_block)
+    spill_rate, spill_out = _multi_turn_workload(spilled, model)
+    small = PrefixCache(model, block_size=4, num_blocks=quarter)
+    small_rate, _ = _multi_turn_workload(small, model)
+    assert spill_out == full_out  # and each equals generate() without a cache (tested above)
+    assert abs(full_rate - spill_rate) <= 0.02, (full_rate, spill_rate)
+    assert full_rate - small_rate > 0.02, "negative control: without the host tier the quarter pool misses"
+    assert spilled.stats.hit_tokens_by_tier["host"] > 0 and spilled.stats.tier_errors == 0

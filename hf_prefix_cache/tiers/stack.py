@@ -90,6 +90,14 @@ class TierStack:
         extra_keys: tuple[Hashable, ...] = (),
     ) -> None:
         """Remember the identity of newly cached pool blocks and write them through to disk/remote."""
+        try:
+            self._publish(namespace, tokens, hashes, positions, blocks, extra_keys)
+        except Exception as error:  # the blocks stay in the pool; only the lower copies are missing
+            (self.write_through or self.tiers)[0].error(
+                "publish", f"could not copy new blocks down ({error!r})"
+            )
+
+    def _publish(self, namespace, tokens, hashes, positions, blocks, extra_keys) -> None:
         digest = self.namespace(namespace, extra_keys)
         root = root_hash(namespace)
         size = self.store.block_size
@@ -147,6 +155,17 @@ class TierStack:
         start = len(chain)
         if start >= limit:
             return []
+        try:
+            found = self._fetch(namespace, tokens, hashes, start, limit, extra_keys)
+        except Exception as error:
+            self.tiers[0].error("lookup", f"lookup failed ({error!r})")
+            return []
+        return self._place(
+            namespace, self.namespace(namespace, extra_keys), chain, found, extra_keys, sources
+        )
+
+    def _fetch(self, namespace, tokens, hashes, start, limit, extra_keys) -> list[tuple[BlockData, str]]:
+        """The blocks ``start:limit`` of the chain from the tiers, in order, each with its tier's name."""
         digest = self.namespace(namespace, extra_keys)
         root = root_hash(namespace)
         size = self.store.block_size
@@ -167,9 +186,9 @@ class TierStack:
                 if not data.matches(request):
                     break
                 found.append((data, tier.name))
-        return self._place(namespace, digest, chain, found, start, extra_keys, sources)
+        return found
 
-    def _place(self, namespace, digest, chain, found, start, extra_keys, sources) -> list[Block]:
+    def _place(self, namespace, digest, chain, found, extra_keys, sources) -> list[Block]:
         """Allocate pool blocks for ``found`` (as a new block would be), copy the K/V in, publish them."""
         pool, kv = self.store.pool, self.store.kv
         taken: list[tuple[Block, BlockData, str]] = []
