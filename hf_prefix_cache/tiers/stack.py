@@ -227,6 +227,18 @@ class TierStack:
         return promoted
 
     # -- maintenance ---------------------------------------------------------------------------------
+    def spill_device(self) -> int:
+        """Evict every unreferenced device block as memory pressure would (host write-back included);
+        for benchmarks and demos of a cold device pool over warm lower tiers. Returns how many."""
+        pool = self.store.pool
+        with self.store.lock:
+            cached = pool.num_cached
+            taken = []
+            while (block := pool.allocate()) is not None:
+                taken.append(block)
+            pool.release(taken)
+            return cached - pool.num_cached
+
     def clear(self, namespace: bytes | None) -> dict[str, int]:
         """Empty the host tier and the ``namespace`` entries of the other tiers; returns counts by tier."""
         self._origins.clear()
