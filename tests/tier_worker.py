@@ -1,9 +1,9 @@
 """A separate interpreter for the disk-tier process tests (restart, crash, concurrency).
 
-python tier_worker.py generate FOLDER FAMILY WEIGHT_SEED SALT PROMPT_SEED...
-    one tiny model, one PrefixCache over FOLDER; per prompt: generate() without and with the cache.
-    Prints one JSON line: per call equal / hit tokens / hits by tier, and tier errors. Does NOT flush:
-    interpreter exit must (atexit).
+python tier_worker.py generate FOLDER FAMILY:WEIGHT_SEED:SALT[,...] PROMPT_SEED...
+    per spec, one tiny model and one PrefixCache over FOLDER; per prompt: generate() without and with
+    the cache. Prints one JSON line per spec: per call equal / hit tokens / hits by tier, and tier
+    errors. Does NOT flush: interpreter exit must (atexit).
 python tier_worker.py write FOLDER FIRST COUNT [slow]
     writes synthetic chains FIRST..FIRST+COUNT-1 through a DiskTier; with "slow" each file is written
     half, then the writer sleeps (so a test can SIGKILL it mid-write).
@@ -28,7 +28,12 @@ def chain_tokens(index: int) -> list[int]:
     return [1000 + index, *list(range(1, CHAIN_TOKENS))]
 
 
-def generate(folder, family, weight_seed, salt, *prompt_seeds):
+def generate(folder, specs, *prompt_seeds):
+    for spec in specs.split(","):
+        generate_one(folder, *spec.split(":"), *prompt_seeds)
+
+
+def generate_one(folder, family, weight_seed, salt, *prompt_seeds):
     import torch
     from tiny_models import random_ids, tiny_model
 
