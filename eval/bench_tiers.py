@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -251,9 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child(args.child, args.prefix_tokens, args.new_tokens, args.suffix)
         return 0
-    result = run_benchmark(
-        args.prefix_tokens, args.new_tokens, args.repeats, args.restarts, folder=args.folder
-    )
+    folder = Path(args.folder) if args.folder else Path(tempfile.mkdtemp(prefix="hf_prefix_cache_bench_"))
+    try:
+        result = run_benchmark(
+            args.prefix_tokens, args.new_tokens, args.repeats, args.restarts, folder=folder
+        )
+    finally:
+        if not args.folder:
+            shutil.rmtree(folder, ignore_errors=True)
     print(f"\nSmolLM2-135M-Instruct, {result['prompt_tokens']} prompt tokens, {result['threads']} threads")
     print(
         f"K/V per 16-token block {result['kv_bytes_per_block'] / 1024:.0f} KiB; "
