@@ -352,6 +352,8 @@ class PrefixCacheMode(Mode):
         return {**super().info(), "stats": stats}
 
     def close(self) -> None:
+        if self.cache is not None:
+            self.cache.flush(timeout=30)  # a disk tier's queued writes land before the run ends
         if self.cache is not None and self._installed_here:
             hf_prefix_cache.uninstall(self.model)
 
