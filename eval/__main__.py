@@ -167,6 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="store size in blocks instead of --cache-memory; make it small (e.g. 100 with the default run) to force eviction",
     )
+    cache.add_argument(
+        "--host-memory",
+        default=None,
+        help="PrefixCache host-RAM tier size (e.g. 4GiB): device-pool evictions spill there (default: none)",
+    )
+    cache.add_argument(
+        "--disk",
+        default=None,
+        help="PrefixCache disk tier folder: blocks are written there and survive restarts (default: none)",
+    )
+    cache.add_argument(
+        "--disk-size", default=None, help="most the disk tier folder may hold (default 16GiB with --disk)"
+    )
 
     out = parser.add_argument_group("output")
     out.add_argument(
@@ -208,6 +221,9 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         block_size=args.block_size,
         cache_memory=args.cache_memory,
         cache_blocks=args.cache_blocks,
+        host_memory=args.host_memory,
+        disk=args.disk,
+        disk_size=args.disk_size,
         warmup_calls=args.warmup_calls,
         seed=args.seed,
         context_bin_tokens=args.bin_tokens,

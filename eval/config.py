@@ -36,6 +36,9 @@ class EvalConfig:
     block_size: int = 16
     cache_memory: str | None = "1GiB"
     cache_blocks: int | None = None
+    host_memory: str | None = None  # PrefixCache host tier size; None: no host tier
+    disk: str | None = None  # PrefixCache disk tier folder; None: no disk tier
+    disk_size: str | None = None
     warmup_calls: int = 2
     seed: int = 0
     context_bin_tokens: int | None = None  # None: a power of two giving at most 8 bins
@@ -72,6 +75,8 @@ class EvalConfig:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if not isinstance(self.warmup_calls, int) or self.warmup_calls < 0:
             raise ValueError(f"warmup_calls must be a non-negative int, got {self.warmup_calls!r}")
+        if self.disk_size is not None and self.disk is None:
+            raise ValueError("disk_size needs disk (the disk tier folder)")
         if self.cache_memory is None and self.cache_blocks is None:
             raise ValueError("give cache_memory or cache_blocks to size the prefix store")
 

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -64,6 +64,7 @@ class ModeContext:
     block_size: int = 16
     cache_memory: str | int | None = "1GiB"
     cache_blocks: int | None = None
+    tiers: dict[str, Any] = field(default_factory=dict)  # PrefixCache host_memory / disk / disk_size
     recipe_prefix: list[int] | None = None  # the shared system prompt's tokens, for the deepcopy recipe
     max_request_tokens: int = 4096  # longest prompt + reply expected, to size continuous batching's cache
     # generate() runs here, off the main thread, like continuous batching's own generation thread:
@@ -326,12 +327,16 @@ class PrefixCacheMode(Mode):
             if self.context.cache_blocks is not None
             else {"max_memory": self.context.cache_memory}
         )
-        self.cache = PrefixCache(self.model, block_size=self.context.block_size, **sizing)
+        self.cache = PrefixCache(
+            self.model, block_size=self.context.block_size, **sizing, **self.context.tiers
+        )
         self._installed_here = not was_installed
         stats = self.cache.stats
         if stats.fallback:
             self.notes.append(f"PrefixCache fell back to recomputation: {stats.fallback}")
         self.notes.append(f"{stats.num_blocks} blocks of {stats.block_size} tokens")
+        if self.context.tiers:
+            self.notes.append(f"lower tiers: {self.context.tiers}")
 
     def reset_after_warmup(self) -> None:
         self.cache.clear()
@@ -347,6 +352,8 @@ class PrefixCacheMode(Mode):
         return {**super().info(), "stats": stats}
 
     def close(self) -> None:
+        if self.cache is not None:
+            self.cache.flush(timeout=30)  # a disk tier's queued writes land before the run ends
         if self.cache is not None and self._installed_here:
             hf_prefix_cache.uninstall(self.model)
 

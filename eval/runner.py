@@ -125,6 +125,13 @@ def run_evaluation(config: EvalConfig | None = None, *, model=None, tokenizer=No
         block_size=config.block_size,
         cache_memory=config.cache_memory,
         cache_blocks=config.cache_blocks,
+        tiers={
+            key: value
+            for key, value in dict(
+                host_memory=config.host_memory, disk=config.disk, disk_size=config.disk_size
+            ).items()
+            if value is not None
+        },
         recipe_prefix=recipe_prefix(tokenizer, shared_system),
         max_request_tokens=replay.longest_prompt_estimate(config.max_new_tokens) + config.max_new_tokens,
     )

@@ -9,7 +9,7 @@ the tail of a chain is evicted before its parents.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 
 from .hashing import BlockHash
@@ -43,6 +43,8 @@ class BlockPool:
         self.free: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
         self.table: dict[BlockHash, Block] = {}
         self.evictions = 0
+        # called with a cached block just before allocate() reuses it (lets a lower tier keep a copy)
+        self.on_evict: Callable[[Block], None] | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -75,6 +77,8 @@ class BlockPool:
             return None
         _, block = self.free.popitem(last=False)
         if block.block_hash is not None:
+            if self.on_evict is not None:
+                self.on_evict(block)
             self._uncache(block)
             self.evictions += 1
         block.ref_count = 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import sys
 import threading
 import time
@@ -35,6 +36,7 @@ from .recording import record_call, replies_of
 from .stats import CacheStats, CallStats
 from .store import BlockStore
 from .support import unsupported_reason
+from .tiers.setup import make_tiers
 from .validation import extra_keys_tuple, positive_int, shared_store
 
 logger = logging.getLogger(__name__)
@@ -93,6 +95,9 @@ class PrefixCache(DynamicCache):
         extra_keys: a tuple hashed into every block, for anything besides tokens and PEFT adapters (which
             the namespace covers by itself) that changes K/V.
         install: wrap ``model.generate``; with ``False`` call ``prepare`` and ``commit`` yourself.
+        host_memory: size of a host-RAM tier ("8GiB") that keeps blocks the device pool evicts.
+        disk: a folder for a disk tier that survives restarts and may be shared by processes.
+        disk_size: the most the disk folder may hold (least recently used entries go first).
     """
 
     def __init__(
@@ -106,6 +111,9 @@ class PrefixCache(DynamicCache):
         store: BlockStore | None = None,
         extra_keys: tuple[Hashable, ...] = (),
         install: bool = True,
+        host_memory: int | str | None = None,
+        disk: str | os.PathLike | None = None,
+        disk_size: int | str | None = None,
     ):
         self.model = model
         self._warned: set[str] = set()  # fallback messages already shown: each is shown once
@@ -131,6 +139,13 @@ class PrefixCache(DynamicCache):
                 self.fallback = str(error)
             else:
                 self.store = self._resolve_store(layouts, store, block_size, max_memory, num_blocks)
+                if host_memory is not None or disk is not None or disk_size is not None:
+                    if store is not None:
+                        raise ValueError(
+                            "tiers belong to the store: pass host_memory=/disk= to the first PrefixCache, "
+                            "and store=cache.store to the others"
+                        )
+                    self.store.attach_tiers(make_tiers(layouts, host_memory, disk, disk_size))
                 layers = [
                     PrefixSlidingLayer(layout.sliding_window) if layout.sliding_window else PrefixFullLayer()
                     for layout in layouts
@@ -216,17 +231,20 @@ class PrefixCache(DynamicCache):
                 return self
             size = self.block_size
             call = self._call = CallState(self.namespace, rows, ids.shape[1], num_expand)
-            for row in rows:
+            sources: list[list[str]] = [[] for _ in rows]  # the tier of each hit block, per row
+            for row, row_sources in zip(rows, sources):
                 row.hashes = hash_blocks(call.root, row.tokens, size, self.extra_keys)
                 usable = (len(row.tokens) - 1) // size  # the last prompt token is always computed
-                row.hits = self.store.match(call.namespace, row.tokens, row.hashes, usable, self.extra_keys)
+                row.hits = self.store.match(
+                    call.namespace, row.tokens, row.hashes, usable, self.extra_keys, row_sources
+                )
             call.loaded = min(row.pad + len(row.hits) * size for row in rows)
             if call.loaded > 0:
                 place_prefix(self.layers, self.store, call)
         except BaseException:
             self._release_if_mine()
             raise
-        self._count(rows, call.loaded)
+        self._count(rows, call.loaded, sources)
         self.last_call.lookup_s = time.perf_counter() - started
         return self
 
@@ -432,10 +450,21 @@ class PrefixCache(DynamicCache):
         prompt = int(input_ids.numel()) if isinstance(input_ids, torch.Tensor) else 0
         self.last_call = CallStats(prompt_tokens=prompt, computed_tokens=prompt)
 
-    def _count(self, rows: list[PromptRow], loaded: int) -> None:
+    def _count(self, rows: list[PromptRow], loaded: int, sources: list[list[str]] | None = None) -> None:
         prompt = sum(len(row.tokens) for row in rows)
         hit = sum(max(0, loaded - row.pad) for row in rows)
         self.last_call = CallStats(prompt_tokens=prompt, hit_tokens=hit, computed_tokens=prompt - hit)
+        size = self.block_size
+        for row, row_sources in zip(rows, sources or []):
+            used = max(0, loaded - row.pad)  # tokens of this row actually placed, block by block
+            for index, tier in enumerate(row_sources):
+                tokens = min(size, used - index * size)
+                if tokens <= 0:
+                    break
+                self.last_call.hit_tokens_by_tier[tier] = (
+                    self.last_call.hit_tokens_by_tier.get(tier, 0) + tokens
+                )
+                self._hit_tokens_by_tier[tier] = self._hit_tokens_by_tier.get(tier, 0) + tokens
         self._calls += 1
         self._prompt_tokens += prompt
         self._hit_tokens += hit
@@ -443,11 +472,13 @@ class PrefixCache(DynamicCache):
     def reset_stats(self) -> None:
         """Zero the counters (the store's gauges are unaffected)."""
         self._calls = self._prompt_tokens = self._hit_tokens = self._refused = 0
+        self._hit_tokens_by_tier: dict[str, int] = {}
         self._evictions_at_reset = self.store.pool.evictions if self.store else 0
 
     @property
     def stats(self) -> CacheStats:
         pool = self.store.pool if self.store else None
+        tiers = self.store.tiers if self.store else None
         return CacheStats(
             calls=self._calls,
             prompt_tokens=self._prompt_tokens,
@@ -463,14 +494,38 @@ class PrefixCache(DynamicCache):
             capacity_bytes=self.store.capacity_bytes if self.store else 0,
             fallback=self.fallback,
             refused_calls=self._refused,
+            hit_tokens_by_tier=self._tier_hits(),
+            tier_errors=tiers.errors if tiers else 0,
+            tiers=tiers.counters() if tiers else {},
         )
+
+    def _tier_hits(self) -> dict[str, int]:
+        names = ["device"] + (
+            [t.name for t in self.store.tiers.tiers] if self.store and self.store.tiers else []
+        )
+        return {name: self._hit_tokens_by_tier.get(name, 0) for name in names}
 
     def clear(self) -> int:
         """Drop every stored block of the store (shared views included), e.g. after a weight update.
 
-        Safe while other views serve calls: blocks they hold are forgotten now and freed when released."""
+        Safe while other views serve calls: blocks they hold are forgotten now and freed when released.
+        With tiers: the host tier is emptied too, and the disk tier loses this cache's namespace (model,
+        weights, salt, extra keys). Disk entries of other namespaces stay: other models or processes may
+        be using them; they age out under ``disk_size``. Returns the number of device blocks dropped.
+        """
         self._release_if_mine()
-        return self.store.clear() if self.store else 0
+        if self.store is None:
+            return 0
+        dropped = self.store.clear()
+        if self.store.tiers is not None:
+            self.store.tiers.clear(self.store.tiers.namespace(self.namespace, self.extra_keys))
+        return dropped
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Block until queued disk writes are durable (or ``timeout`` seconds pass: then False)."""
+        if self.store is None or self.store.tiers is None:
+            return True
+        return self.store.tiers.flush(timeout)
 
     def _warn(self, message: str, key: str | None = None) -> None:
         if (key or message) not in self._warned:

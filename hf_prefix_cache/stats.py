@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from .memory import format_bytes
 
@@ -15,6 +15,7 @@ class CallStats:
     hit_tokens: int = 0
     computed_tokens: int = 0
     stored_blocks: int = 0  # blocks this call added to the store
+    hit_tokens_by_tier: dict[str, int] = field(default_factory=dict)  # where the hit tokens came from
     lookup_s: float = 0.0  # the cache's own work before generate(): hashing, matching, placing the prefix
     store_s: float = 0.0  # and after it: storing prompt and reply blocks
     refused: str | None = None  # why nothing of this call was stored (its K/V were not what it implies)
@@ -42,6 +43,9 @@ class CacheStats:
     capacity_bytes: int = 0
     fallback: str | None = None
     refused_calls: int = 0  # calls whose K/V the store refused (see CallStats.refused)
+    hit_tokens_by_tier: dict[str, int] = field(default_factory=dict)  # {"device": .., "host": .., "disk": ..}
+    tier_errors: int = 0  # bad entries, failed reads/writes in the lower tiers (each a miss or a drop)
+    tiers: dict[str, dict] = field(default_factory=dict)  # each lower tier's counters
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -52,6 +56,8 @@ class CacheStats:
             f"{self.computed_tokens} computed, {self.calls} calls); store {self.stored_blocks}/{self.num_blocks} "
             f"blocks of {self.block_size} tokens, {format_bytes(self.used_bytes)} of "
             f"{format_bytes(self.capacity_bytes)}, {self.evictions} evictions"
+            + (f"; hit tokens by tier {self.hit_tokens_by_tier}" if self.tiers else "")
+            + (f", {self.tier_errors} tier errors" if self.tier_errors else "")
             + (f"; FALLBACK: {self.fallback}" if self.fallback else "")
             + (f"; {self.refused_calls} calls refused by the store" if self.refused_calls else "")
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Hashable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +19,10 @@ from .kv_pool import KVPool
 from .layout import LayerLayout, probe_layout
 from .memory import check_fits, parse_bytes
 from .validation import positive_int
+
+if TYPE_CHECKING:
+    from .tiers.base import Tier
+    from .tiers.stack import TierStack
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +46,15 @@ class BlockStore:
         self.pool = BlockPool(num_blocks)
         self.kv = KVPool(layouts, num_blocks, block_size)
         self.lock = threading.RLock()
+        self.tiers: TierStack | None = None  # host / disk tiers below the pool, see ``attach_tiers``
+
+    def attach_tiers(self, tiers: Sequence[Tier]) -> TierStack:
+        """Put ``tiers`` (fastest first) below the pool: evictions write back, lookups continue there."""
+        from .tiers.stack import TierStack
+
+        with self.lock:
+            self.tiers = TierStack(self, tiers)
+        return self.tiers
 
     @classmethod
     def for_model(
@@ -94,8 +108,13 @@ class BlockStore:
         hashes: Sequence[BlockHash],
         max_blocks: int,
         extra_keys: tuple[Hashable, ...] = (),
+        sources: list[str] | None = None,
     ) -> list[Block]:
-        """Reference and return the longest verified chain of cached blocks for ``tokens``."""
+        """Reference and return the longest verified chain of cached blocks for ``tokens``.
+
+        Where the pool's chain stops, lower tiers continue it (promoting their blocks into the pool);
+        ``sources`` receives the tier name of each returned block.
+        """
         size = self.block_size
         blocks: list[Block] = []
         with self.lock:
@@ -108,6 +127,11 @@ class BlockStore:
                         break
                     self.pool.touch(block)
                     blocks.append(block)
+                if sources is not None:
+                    sources.extend(["device"] * len(blocks))
+                if self.tiers is not None:
+                    limit = min(max_blocks, len(hashes))
+                    self.tiers.promote(namespace, tokens, hashes, blocks, limit, extra_keys, sources)
             except BaseException:
                 self.pool.release(blocks)  # whatever raised, the caller never saw these references
                 raise
@@ -167,6 +191,9 @@ class BlockStore:
             write(new_positions, [block.block_id for block, _, _ in new_blocks])
             for block, block_hash, key in new_blocks:
                 self.pool.cache(block, block_hash, key)
+            if self.tiers is not None:
+                blocks = [block for block, _, _ in new_blocks]
+                self.tiers.published(namespace, tokens, hashes, new_positions, blocks, extra_keys)
 
     def __getstate__(self):
         raise TypeError(

@@ -432,6 +432,29 @@ def test_a_small_store_evicts_and_stays_exact(model, tokenizer, dataset):
     assert results.summary_frame().loc["prefix_cache", "mismatches"] == 0
 
 
+def test_tier_options_reach_the_cache_and_spill_stays_exact(model, tokenizer, dataset, tmp_path):
+    config = EvalConfig(
+        dataset=str(dataset),
+        conversations=None,
+        system_prompt=SYSTEM,
+        max_new_tokens=4,
+        warmup_calls=0,
+        modes=("prefix_cache",),
+        cache_blocks=12,  # evicts: the host tier takes what the pool drops
+        host_memory="64MiB",
+        disk=str(tmp_path / "kv"),
+        output_dir=None,
+        progress=False,
+    )
+    results = run_evaluation(config, model=model, tokenizer=tokenizer)
+    stats = results.modes["prefix_cache"]["stats"]
+    assert stats["evictions"] > 0 and stats["hit_tokens_by_tier"]["host"] > 0 and stats["tier_errors"] == 0
+    assert results.summary_frame().loc["prefix_cache", "mismatches"] == 0
+    assert list((tmp_path / "kv").rglob("*.kvb"))
+    with pytest.raises(ValueError, match="disk_size needs disk"):
+        EvalConfig(disk_size="1GiB")
+
+
 def test_cli_end_to_end_on_a_local_model_folder(model, tokenizer, dataset, tmp_path, capsys, monkeypatch):
     folder = tmp_path / "tiny-model"
     model.save_pretrained(folder)

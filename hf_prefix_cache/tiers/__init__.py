@@ -1,0 +1,28 @@
+"""Storage tiers below the device pool: host RAM (``HostTier``) and a restart-proof folder (``DiskTier``).
+
+``Tier`` is the boundary every tier implements (a remote one included); ``entry`` is the verified byte
+format of one block; ``TierStack`` is the policy between the pool and the tiers.
+"""
+
+from .base import BlockData, BlockRequest, Tier, TierCounters, TierWarning
+from .disk import DiskTier
+from .entry import FORMAT_VERSION, EntryError, decode, encode
+from .host import HostTier
+from .namespace import tier_namespace
+from .stack import TierStack
+
+__all__ = [
+    "FORMAT_VERSION",
+    "BlockData",
+    "BlockRequest",
+    "DiskTier",
+    "EntryError",
+    "HostTier",
+    "Tier",
+    "TierCounters",
+    "TierStack",
+    "TierWarning",
+    "decode",
+    "encode",
+    "tier_namespace",
+]

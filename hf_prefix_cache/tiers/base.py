@@ -1,0 +1,145 @@
+"""The tier boundary: what every storage tier below the device pool (host RAM, disk, a remote server)
+offers the block store, and the counters it keeps.
+
+A tier stores whole blocks (every layer's K and V of ``block_size`` tokens) under
+``(namespace digest, block hash)``. Lookups go down a chain and stop at the first missing or invalid
+block; every failure inside a tier is a miss, counted in ``counters`` and warned about once, never an
+exception to the caller. A remote tier (Redis) is one more subclass.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class TierWarning(UserWarning):
+    """A storage tier failed (bad entry, full disk, unreachable folder); the cache recomputes instead."""
+
+
+@dataclass(frozen=True)
+class BlockRequest:
+    """What the caller expects of one block: its hash, its parent's hash and its token ids."""
+
+    block_hash: bytes
+    parent_hash: bytes
+    tokens: tuple[int, ...]
+
+
+@dataclass
+class BlockData:
+    """One block's K/V across all layers, each ``[heads, block_size, head_dim]``, plus its identity."""
+
+    block_hash: bytes
+    parent_hash: bytes
+    tokens: tuple[int, ...]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values))
+
+    def matches(self, request: BlockRequest) -> bool:
+        return (
+            self.block_hash == request.block_hash
+            and self.parent_hash == request.parent_hash
+            and tuple(self.tokens) == tuple(request.tokens)
+        )
+
+
+@dataclass
+class TierCounters:
+    """Per-tier counters since the tier was made (blocks, bytes, failures)."""
+
+    hits: int = 0  # blocks returned by get
+    misses: int = 0  # lookups that stopped at a block the tier did not have
+    puts: int = 0  # blocks stored
+    skipped: int = 0  # puts of blocks the tier already had
+    dropped: int = 0  # puts given up because the write queue was full
+    evictions: int = 0  # blocks removed to stay within the size limit
+    errors: int = 0  # bad entries, failed reads or writes (each also a miss or a dropped write)
+    bytes_read: int = 0
+    bytes_written: int = 0
+    error_kinds: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Tier(ABC):
+    """A store of blocks below the device pool. Subclasses implement the five operations below."""
+
+    name: str = "tier"
+
+    def __init__(self) -> None:
+        self.counters = TierCounters()
+        self._warned: set[str] = set()
+        self._count_lock = threading.Lock()
+
+    @abstractmethod
+    def get(self, namespace: bytes, requests: Sequence[BlockRequest]) -> list[BlockData]:
+        """The verified blocks for the leading ``requests``, stopping at the first miss or bad entry."""
+
+    def contains(self, namespace: bytes, block_hashes: Sequence[bytes]) -> int:
+        """How many leading ``block_hashes`` the tier holds (unverified; ``get`` verifies)."""
+        count = 0
+        for block_hash in block_hashes:
+            if not self.has(namespace, block_hash):
+                break
+            count += 1
+        return count
+
+    @abstractmethod
+    def has(self, namespace: bytes, block_hash: bytes) -> bool:
+        """Whether an entry exists for ``block_hash`` (cheap; unverified)."""
+
+    @abstractmethod
+    def put(self, namespace: bytes, blocks: Sequence[BlockData]) -> None:
+        """Store ``blocks`` (tensors on CPU, owned by the tier from now on); may return before they land."""
+
+    @abstractmethod
+    def delete(self, namespace: bytes, block_hash: bytes) -> None:
+        """Remove one entry if present."""
+
+    @abstractmethod
+    def clear(self, namespace: bytes | None = None) -> int:
+        """Remove every entry of ``namespace`` (all namespaces with None); returns how many."""
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until queued writes have landed; False if ``timeout`` ran out first."""
+        return True
+
+    def close(self) -> None:
+        """Flush (bounded) and release resources; the tier serves nothing afterwards."""
+        self.flush(10.0)
+
+    # -- shared helpers ------------------------------------------------------------------------------
+    def count(self, **amounts: int) -> None:
+        with self._count_lock:
+            for name, amount in amounts.items():
+                setattr(self.counters, name, getattr(self.counters, name) + amount)
+
+    def error(self, kind: str, message: str) -> None:
+        """Count a failure and warn once per kind; the operation that hit it becomes a miss or a drop."""
+        with self._count_lock:
+            self.counters.errors += 1
+            self.counters.error_kinds[kind] = self.counters.error_kinds.get(kind, 0) + 1
+            first = kind not in self._warned
+            self._warned.add(kind)
+        logger.debug("%s tier: %s: %s", self.name, kind, message)
+        if first:
+            warnings.warn(
+                f"hf_prefix_cache {self.name} tier ({kind}): {message}; treated as a miss (counted in "
+                f"cache.stats.tier_errors, shown once)",
+                TierWarning,
+                stacklevel=2,
+            )

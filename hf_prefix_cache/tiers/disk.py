@@ -1,0 +1,316 @@
+"""The disk tier: one verified entry file per block, in a folder that survives restarts and may be
+shared by several processes at once.
+
+- Paths are deterministic: ``<folder>/<namespace hex>/<hash hex[:2]>/<hash hex>.kvb``, so a new process
+  finds what an earlier one stored without any index.
+- Writes go to a temp file in the same folder, then ``os.replace``: a reader sees a whole entry or none,
+  even if the writer is killed. Temp files of dead writers are removed by the size sweep.
+- Writes happen on a background thread fed by a bounded queue. A full queue drops the write and counts
+  it: ``generate()`` never waits on the disk. Blocks already on disk are skipped. At interpreter exit
+  queued writes are flushed with a bounded wait (``EXIT_FLUSH_S``).
+- ``size`` is enforced by deleting the least recently used entries (file mtime; a hit touches its file)
+  of the whole folder, whichever process wrote them. Each process re-scans the folder every
+  ``RESCAN_EVERY`` writes and whenever its estimate exceeds the limit, so with several writers the folder
+  can overshoot by at most about that many entries per process between scans.
+- Every failure (bad entry, unreadable or read-only folder, full disk) is a miss or a dropped write,
+  counted and warned about once; a bad entry is deleted.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import errno
+import logging
+import os
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..layout import LayerLayout
+from ..memory import parse_bytes
+from .base import BlockData, BlockRequest, Tier
+from .entry import EntryError, decode, encode
+
+logger = logging.getLogger(__name__)
+
+SUFFIX = ".kvb"
+TEMP_SUFFIX = ".tmp"
+DEFAULT_DISK_SIZE = "16GiB"
+EXIT_FLUSH_S = 10.0
+RESCAN_EVERY = 32
+STALE_TEMP_S = 600.0  # a temp file this old belongs to a writer that died
+LOW_WATER = 0.9  # an eviction sweep deletes down to this fraction of the limit
+
+
+def write_file(path: Path, data: bytes, fsync: bool) -> None:
+    """Write ``data`` to ``path`` (a new temp file). A seam for tests that simulate a full disk."""
+    with open(path, "xb") as handle:
+        handle.write(data)
+        if fsync:
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+class DiskTier(Tier):
+    name = "disk"
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        layouts: list[LayerLayout],
+        *,
+        size: int | str | None = None,
+        max_queued_blocks: int = 128,
+        fsync: bool = True,
+    ):
+        super().__init__()
+        self.folder = Path(folder).expanduser()
+        self.layouts = layouts
+        self.size = parse_bytes(size if size is not None else DEFAULT_DISK_SIZE)
+        self.fsync = fsync
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queued_blocks)
+        self._pending = 0
+        self._idle = threading.Condition()
+        self._writer: threading.Thread | None = None
+        self._known: set[tuple[bytes, bytes]] = set()  # entries this process wrote or read
+        self._used: int | None = None  # estimated bytes in the folder; None until the first scan
+        self._writes_since_scan = 0
+        self._closed = False
+        self.usable = self._make_folder()
+        _LIVE.add(self)
+
+    def _make_folder(self) -> bool:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            self.error("folder", f"cannot use the folder {self.folder} ({error}); the disk tier is off")
+            return False
+        return True
+
+    # -- paths ---------------------------------------------------------------------------------------
+    def path(self, namespace: bytes, block_hash: bytes) -> Path:
+        name = block_hash.hex()
+        return self.folder / namespace.hex() / name[:2] / f"{name}{SUFFIX}"
+
+    def has(self, namespace: bytes, block_hash: bytes) -> bool:
+        if (namespace, block_hash) in self._known:
+            return True
+        return self.usable and self.path(namespace, block_hash).exists()
+
+    # -- reads ---------------------------------------------------------------------------------------
+    def get(self, namespace: bytes, requests: Sequence[BlockRequest]) -> list[BlockData]:
+        found: list[BlockData] = []
+        if not self.usable or self._closed:
+            return found
+        for request in requests:
+            block = self._read(namespace, request)
+            if block is None:
+                self.count(misses=1)
+                break
+            found.append(block)
+        self.count(hits=len(found))
+        return found
+
+    def _read(self, namespace: bytes, request: BlockRequest) -> BlockData | None:
+        path = self.path(namespace, request.block_hash)
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except FileNotFoundError:
+            self._known.discard((namespace, request.block_hash))
+            return None
+        except OSError as error:
+            self.error("read", f"cannot read {path} ({error})")
+            return None
+        try:
+            block = decode(data, namespace, request, self.layouts)
+        except EntryError as error:
+            self.error(error.kind, f"bad entry {path} ({error}), deleted")
+            self._remove(path)
+            self._known.discard((namespace, request.block_hash))
+            return None
+        self.count(bytes_read=len(data))
+        self._known.add((namespace, request.block_hash))
+        with contextlib.suppress(OSError):
+            os.utime(path)  # most recently used: the size sweep deletes it last
+        return block
+
+    # -- writes --------------------------------------------------------------------------------------
+    def put(self, namespace: bytes, blocks: Sequence[BlockData]) -> None:
+        if not self.usable or self._closed:
+            self.count(dropped=len(blocks))
+            return
+        self._start_writer()
+        for block in blocks:
+            if (namespace, block.block_hash) in self._known:
+                self.count(skipped=1)
+                continue
+            with self._idle:
+                try:
+                    self._queue.put_nowait((namespace, block))
+                except queue.Full:
+                    self.count(dropped=1)
+                    continue
+                self._pending += 1
+
+    def _start_writer(self) -> None:
+        if self._writer is None or not self._writer.is_alive():
+            self._writer = threading.Thread(target=self._write_loop, name="hf_prefix_cache-disk", daemon=True)
+            self._writer.start()
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                self._write(*item)
+            except BaseException as error:  # the writer must never die silently
+                self.error("writer", f"write failed ({error!r})")
+            finally:
+                with self._idle:
+                    if item is not None:
+                        self._pending -= 1
+                    self._idle.notify_all()
+
+    def _write(self, namespace: bytes, block: BlockData) -> None:
+        path = self.path(namespace, block.block_hash)
+        if path.exists():
+            self._known.add((namespace, block.block_hash))
+            self.count(skipped=1)
+            return
+        data = encode(namespace, block)
+        temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._make_room(len(data))
+            write_file(temp, data, self.fsync)
+            os.replace(temp, path)
+        except OSError as error:
+            self._remove(temp)
+            kind = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk full", errno.EROFS: "read-only"}.get(
+                error.errno, "read-only" if error.errno in (errno.EACCES, errno.EPERM) else "write"
+            )
+            self.error(kind, f"cannot write {path} ({error}); the block stays uncached on disk")
+            return
+        self._known.add((namespace, block.block_hash))
+        self._used = (self._used or 0) + len(data)
+        self.count(puts=1, bytes_written=len(data))
+
+    # -- size ----------------------------------------------------------------------------------------
+    def _make_room(self, incoming: int) -> None:
+        """Delete least recently used entries until ``incoming`` more bytes fit within ``size``."""
+        self._writes_since_scan += 1
+        if self._used is None or self._writes_since_scan >= RESCAN_EVERY or self._used + incoming > self.size:
+            entries = self._scan()
+            self._writes_since_scan = 0
+            self._used = sum(size for _, size, _ in entries)
+            if self._used + incoming > self.size:
+                target = min(self.size - incoming, int(self.size * LOW_WATER))
+                for path, size, _ in sorted(entries, key=lambda entry: entry[2]):
+                    if self._used <= target:
+                        break
+                    if self._remove(path):
+                        self.count(evictions=1)
+                    self._used -= size
+                    self._forget(path)
+
+    def _scan(self) -> list[tuple[Path, int, float]]:
+        """Every entry of the folder as (path, bytes, mtime); stale temp files are deleted on the way."""
+        entries = []
+        now = time.time()
+        for root, _, files in os.walk(self.folder):
+            for name in files:
+                path = Path(root) / name
+                try:
+                    info = path.stat()
+                except OSError:
+                    continue
+                if name.endswith(TEMP_SUFFIX):
+                    if now - info.st_mtime > STALE_TEMP_S:
+                        self._remove(path)
+                    continue
+                if name.endswith(SUFFIX):
+                    entries.append((path, info.st_size, info.st_mtime))
+        return entries
+
+    def used_bytes(self) -> int:
+        """Bytes of entries in the folder now (all namespaces, all processes)."""
+        return sum(size for _, size, _ in self._scan()) if self.usable else 0
+
+    def _forget(self, path: Path) -> None:
+        try:
+            key = (bytes.fromhex(path.parent.parent.name), bytes.fromhex(path.name[: -len(SUFFIX)]))
+        except ValueError:
+            return
+        self._known.discard(key)
+
+    @staticmethod
+    def _remove(path: Path) -> bool:
+        try:
+            path.unlink()
+        except OSError:
+            return False
+        return True
+
+    # -- maintenance ---------------------------------------------------------------------------------
+    def delete(self, namespace: bytes, block_hash: bytes) -> None:
+        self._known.discard((namespace, block_hash))
+        self._remove(self.path(namespace, block_hash))
+
+    def clear(self, namespace: bytes | None = None) -> int:
+        """Delete the entries of ``namespace`` (every namespace with None) after queued writes land."""
+        if not self.usable:
+            return 0
+        self.flush(EXIT_FLUSH_S)
+        folder = self.folder / namespace.hex() if namespace is not None else self.folder
+        removed = 0
+        for root, _, files in os.walk(folder):
+            for name in files:
+                if name.endswith(SUFFIX) and self._remove(Path(root) / name):
+                    removed += 1
+        self._known = {key for key in self._known if namespace is not None and key[0] != namespace}
+        self._used = None
+        return removed
+
+    def flush(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._idle:
+            while self._pending > 0:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                if self._writer is None or not self._writer.is_alive():
+                    self._start_writer()
+                self._idle.wait(timeout=left if left is not None else 1.0)
+        return True
+
+    def close(self, timeout: float = EXIT_FLUSH_S) -> None:
+        if self._closed:
+            return
+        self.flush(timeout)
+        self._closed = True
+        if self._writer is not None and self._writer.is_alive():
+            try:
+                self._queue.put_nowait(None)
+            except queue.Full:
+                return
+            self._writer.join(timeout)
+
+
+_LIVE: weakref.WeakSet[DiskTier] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    """Let queued writes land before the interpreter exits, waiting at most ``EXIT_FLUSH_S`` in all."""
+    deadline = time.monotonic() + EXIT_FLUSH_S
+    for tier in list(_LIVE):
+        left = deadline - time.monotonic()
+        if left <= 0 or not tier.flush(left):
+            logger.warning("hf_prefix_cache disk tier: exit flush timed out; some blocks were not written")
+            break

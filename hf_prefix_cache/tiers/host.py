@@ -1,0 +1,98 @@
+"""The host tier: blocks in CPU RAM, LRU by bytes; pinned memory when the device pool is on CUDA.
+
+It receives the device pool's evictions (write-back), so a pool that is too small spills here instead
+of losing blocks. Entries are tensors, not encoded bytes: nothing leaves the process, and a hit is
+verified against the hash, parent and tokens like a pool hit.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+from ..memory import parse_bytes
+from .base import BlockData, BlockRequest, Tier
+
+
+class HostTier(Tier):
+    name = "host"
+
+    def __init__(self, capacity: int | str, *, pin_memory: bool = False):
+        super().__init__()
+        self.capacity = parse_bytes(capacity)
+        self.pin_memory = pin_memory
+        self.used = 0
+        self._entries: OrderedDict[tuple[bytes, bytes], BlockData] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def has(self, namespace: bytes, block_hash: bytes) -> bool:
+        return (namespace, block_hash) in self._entries
+
+    def get(self, namespace: bytes, requests: Sequence[BlockRequest]) -> list[BlockData]:
+        found = []
+        with self._lock:
+            for request in requests:
+                entry = self._entries.get((namespace, request.block_hash))
+                if entry is None or not entry.matches(request):
+                    self.counters.misses += 1
+                    break
+                self._entries.move_to_end((namespace, request.block_hash))
+                found.append(entry)
+            self.counters.hits += len(found)
+            self.counters.bytes_read += sum(entry.nbytes for entry in found)
+        return found
+
+    def put(self, namespace: bytes, blocks: Sequence[BlockData]) -> None:
+        with self._lock:
+            for block in blocks:
+                key = (namespace, block.block_hash)
+                if key in self._entries:
+                    self._entries.move_to_end(key)
+                    self.counters.skipped += 1
+                    continue
+                if block.nbytes > self.capacity:
+                    self.counters.dropped += 1
+                    continue
+                while self.used + block.nbytes > self.capacity:
+                    _, old = self._entries.popitem(last=False)
+                    self.used -= old.nbytes
+                    self.counters.evictions += 1
+                stored = self._owned(block)
+                self._entries[key] = stored
+                self.used += stored.nbytes
+                self.counters.puts += 1
+                self.counters.bytes_written += stored.nbytes
+
+    def _owned(self, block: BlockData) -> BlockData:
+        """A CPU copy (pinned on CUDA hosts) unless ``block`` already is one the tier may keep."""
+        if not self.pin_memory and all(t.device.type == "cpu" for t in (*block.keys, *block.values)):
+            return block
+        keys = [self._to_host(t) for t in block.keys]
+        values = [self._to_host(t) for t in block.values]
+        return BlockData(block.block_hash, block.parent_hash, block.tokens, keys, values)
+
+    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device.type == "cpu" and (not self.pin_memory or tensor.is_pinned()):
+            return tensor
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=self.pin_memory)
+        host.copy_(tensor)
+        return host
+
+    def delete(self, namespace: bytes, block_hash: bytes) -> None:
+        with self._lock:
+            entry = self._entries.pop((namespace, block_hash), None)
+            if entry is not None:
+                self.used -= entry.nbytes
+
+    def clear(self, namespace: bytes | None = None) -> int:
+        with self._lock:
+            doomed = [key for key in self._entries if namespace is None or key[0] == namespace]
+            for key in doomed:
+                self.used -= self._entries.pop(key).nbytes
+        return len(doomed)

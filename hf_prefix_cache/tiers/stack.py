@@ -1,0 +1,266 @@
+"""The policy between the device pool and the tiers below it.
+
+- **Write-back to host**: a block the pool evicts is copied to the host tier first (if not there).
+- **Write-through to disk/remote**: a block the store publishes is copied off the device and queued for
+  every write-through tier that does not have it yet; those tiers write it in the background.
+- **Lookup**: where the pool's chain stops, the chain continues in the host tier, then the next tier,
+  stopping at the first block no tier has. Each hit is promoted into the pool like a new block
+  (``allocate``: ref counts and capacity respected, the LRU victim written back), so it is then placed
+  exactly as a pool hit is.
+
+The pool names parents by block reference, which dies with the process; the lower tiers name them by
+hash. ``TierStack`` remembers, per published pool block, the (tier namespace, parent hash, tokens) that
+an entry needs, checked against the block's hash and generation so a reused block is never written back
+under an old identity.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..hashing import BlockHash, root_hash
+from .base import BlockData, BlockRequest, Tier
+from .namespace import tier_namespace
+
+if TYPE_CHECKING:
+    from ..block_pool import Block
+    from ..store import BlockStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Origin:
+    namespace: bytes
+    block_hash: bytes
+    parent_hash: bytes
+    tokens: tuple[int, ...]
+    generation: int
+
+
+class TierStack:
+    """The tiers of one block store, fastest first (``host`` before ``disk``/``remote``)."""
+
+    def __init__(self, store: BlockStore, tiers: Sequence[Tier]):
+        if not tiers:
+            raise ValueError("a TierStack needs at least one tier")
+        self.store = store
+        self.tiers = list(tiers)
+        self.host = next((tier for tier in self.tiers if tier.name == "host"), None)
+        self.write_through = [tier for tier in self.tiers if tier is not self.host]
+        self._origins: dict[int, _Origin] = {}
+        self._namespaces: dict[tuple[str, tuple], bytes] = {}
+        store.pool.on_evict = self.evicting
+
+    def namespace(self, namespace: str, extra_keys: tuple[Hashable, ...] = ()) -> bytes:
+        key = (namespace, tuple(extra_keys))
+        digest = self._namespaces.get(key)
+        if digest is None:
+            digest = tier_namespace(namespace, self.store.block_size, self.store.layouts, extra_keys)
+            self._namespaces[key] = digest
+        return digest
+
+    # -- block data ----------------------------------------------------------------------------------
+    def _read_block(self, block: Block, origin: _Origin) -> BlockData:
+        """A CPU copy of one pool block's K/V across all layers."""
+        kv = self.store.kv
+        keys = [
+            kv.keys[layer][:, block.block_id].to("cpu", copy=True).contiguous()
+            for layer in range(len(kv.keys))
+        ]
+        values = [
+            kv.values[layer][:, block.block_id].to("cpu", copy=True).contiguous()
+            for layer in range(len(kv.keys))
+        ]
+        return BlockData(origin.block_hash, origin.parent_hash, origin.tokens, keys, values)
+
+    # -- store hooks (called with the store's lock held) -----------------------------------------------
+    def published(
+        self,
+        namespace: str,
+        tokens: Sequence[int],
+        hashes: Sequence[BlockHash],
+        positions: Sequence[int],
+        blocks: Sequence[Block],
+        extra_keys: tuple[Hashable, ...] = (),
+    ) -> None:
+        """Remember the identity of newly cached pool blocks and write them through to disk/remote."""
+        try:
+            self._publish(namespace, tokens, hashes, positions, blocks, extra_keys)
+        except Exception as error:  # the blocks stay in the pool; only the lower copies are missing
+            (self.write_through or self.tiers)[0].error(
+                "publish", f"could not copy new blocks down ({error!r})"
+            )
+
+    def _publish(self, namespace, tokens, hashes, positions, blocks, extra_keys) -> None:
+        digest = self.namespace(namespace, extra_keys)
+        root = root_hash(namespace)
+        size = self.store.block_size
+        outgoing: dict[int, list[BlockData]] = {}
+        for position, block in zip(positions, blocks):
+            parent = hashes[position - 1] if position else root
+            window = tuple(tokens[position * size : (position + 1) * size])
+            origin = _Origin(digest, hashes[position], parent, window, block.generation)
+            self._origins[block.block_id] = origin
+            targets = [
+                i for i, tier in enumerate(self.write_through) if not self._safe_has(tier, digest, origin)
+            ]
+            if targets:
+                data = self._read_block(block, origin)
+                for index in targets:
+                    outgoing.setdefault(index, []).append(data)
+        for index, data in outgoing.items():
+            tier = self.write_through[index]
+            try:
+                tier.put(digest, data)
+            except Exception as error:
+                tier.error("put", f"write-through failed ({error!r})")
+
+    def _safe_has(self, tier: Tier, digest: bytes, origin: _Origin) -> bool:
+        try:
+            return tier.has(digest, origin.block_hash)
+        except Exception:
+            return False
+
+    def evicting(self, block: Block) -> None:
+        """The pool is about to reuse ``block``: copy it to the host tier first (write-back)."""
+        origin = self._origins.pop(block.block_id, None)
+        if self.host is None or origin is None:
+            return
+        if origin.block_hash != block.block_hash or origin.generation != block.generation:
+            return  # republished through a path that did not tell us: its identity is unknown
+        try:
+            if not self.host.has(origin.namespace, origin.block_hash):
+                self.host.put(origin.namespace, [self._read_block(block, origin)])
+        except Exception as error:
+            self.host.error("write-back", f"could not keep an evicted block ({error!r})")
+
+    def promote(
+        self,
+        namespace: str,
+        tokens: Sequence[int],
+        hashes: Sequence[BlockHash],
+        chain: list[Block],
+        limit: int,
+        extra_keys: tuple[Hashable, ...],
+        sources: list[str] | None,
+    ) -> list[Block]:
+        """Continue ``chain`` (referenced pool blocks) from the tiers up to ``limit`` blocks; returns the
+        newly referenced blocks (promoted into the pool), stopping at the first block no tier has."""
+        start = len(chain)
+        if start >= limit:
+            return []
+        try:
+            found = self._fetch(namespace, tokens, hashes, start, limit, extra_keys)
+        except Exception as error:
+            self.tiers[0].error("lookup", f"lookup failed ({error!r})")
+            return []
+        return self._place(
+            namespace, self.namespace(namespace, extra_keys), chain, found, extra_keys, sources
+        )
+
+    def _fetch(self, namespace, tokens, hashes, start, limit, extra_keys) -> list[tuple[BlockData, str]]:
+        """The blocks ``start:limit`` of the chain from the tiers, in order, each with its tier's name."""
+        digest = self.namespace(namespace, extra_keys)
+        root = root_hash(namespace)
+        size = self.store.block_size
+        requests = [
+            BlockRequest(hashes[i], hashes[i - 1] if i else root, tuple(tokens[i * size : (i + 1) * size]))
+            for i in range(start, limit)
+        ]
+        found: list[tuple[BlockData, str]] = []
+        for tier in self.tiers:
+            if len(found) == len(requests):
+                break
+            try:
+                got = tier.get(digest, requests[len(found) :])
+            except Exception as error:
+                tier.error("get", f"lookup failed ({error!r})")
+                got = []
+            for data, request in zip(got, requests[len(found) :]):
+                if not data.matches(request):
+                    break
+                found.append((data, tier.name))
+        return found
+
+    def _place(self, namespace, digest, chain, found, extra_keys, sources) -> list[Block]:
+        """Allocate pool blocks for ``found`` (as a new block would be), copy the K/V in, publish them."""
+        pool, kv = self.store.pool, self.store.kv
+        taken: list[tuple[Block, BlockData, str]] = []
+        for data, tier_name in found:
+            occupant = pool.table.get(data.block_hash)
+            if occupant is not None and occupant.ref_count > 0:
+                break  # a colliding block in use: stop rather than overwrite it
+            block = pool.allocate()
+            if block is None:
+                break  # every block is referenced: a shorter hit
+            taken.append((block, data, tier_name))
+        if not taken:
+            return []
+        try:
+            ids = [block.block_id for block, _, _ in taken]
+            for layer in range(len(kv.keys)):
+                keys = torch.cat([data.keys[layer] for _, data, _ in taken], dim=1)
+                values = torch.cat([data.values[layer] for _, data, _ in taken], dim=1)
+                kv.write(layer, ids, keys, values)
+        except Exception as error:
+            pool.release([block for block, _, _ in taken])
+            self.tiers[0].error("promote", f"could not copy blocks into the pool ({error!r})")
+            return []
+        promoted = []
+        for block, data, tier_name in taken:
+            parent = chain[-1] if chain else None
+            key = self.store.chain_key(parent, namespace, data.tokens, extra_keys)
+            pool.cache(block, data.block_hash, key)
+            self._origins[block.block_id] = _Origin(
+                digest, data.block_hash, data.parent_hash, tuple(data.tokens), block.generation
+            )
+            chain.append(block)
+            promoted.append(block)
+            if sources is not None:
+                sources.append(tier_name)
+        return promoted
+
+    # -- maintenance ---------------------------------------------------------------------------------
+    def spill_device(self) -> int:
+        """Evict every unreferenced device block as memory pressure would (host write-back included);
+        for benchmarks and demos of a cold device pool over warm lower tiers. Returns how many."""
+        pool = self.store.pool
+        with self.store.lock:
+            cached = pool.num_cached
+            taken = []
+            while (block := pool.allocate()) is not None:
+                taken.append(block)
+            pool.release(taken)
+            return cached - pool.num_cached
+
+    def clear(self, namespace: bytes | None) -> dict[str, int]:
+        """Empty the host tier and the ``namespace`` entries of the other tiers; returns counts by tier."""
+        self._origins.clear()
+        removed = {}
+        for tier in self.tiers:
+            try:
+                removed[tier.name] = tier.clear(None if tier is self.host else namespace)
+            except Exception as error:
+                tier.error("clear", f"clear failed ({error!r})")
+                removed[tier.name] = 0
+        return removed
+
+    def flush(self, timeout: float | None = None) -> bool:
+        return all([tier.flush(timeout) for tier in self.tiers])
+
+    def close(self) -> None:
+        for tier in self.tiers:
+            tier.close()
+
+    def counters(self) -> dict[str, dict]:
+        return {tier.name: tier.counters.as_dict() for tier in self.tiers}
+
+    @property
+    def errors(self) -> int:
+        return sum(tier.counters.errors for tier in self.tiers)

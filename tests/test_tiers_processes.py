@@ -1,0 +1,97 @@
+"""The disk tier across processes: restart, a writer killed mid-write, and concurrent writers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tier_helpers import LAYOUT, synthetic_chain, tier_ns
+from tier_worker import chain_tokens
+
+from hf_prefix_cache.tiers import DiskTier
+from hf_prefix_cache.tiers import disk as disk_module
+
+WORKER = str(Path(__file__).parent / "tier_worker.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def run_worker(*args, timeout=600, lines: int = 1):
+    out = subprocess.run(
+        [sys.executable, WORKER, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=ENV
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = [json.loads(line) for line in out.stdout.strip().splitlines()[-lines:]]
+    return results[0] if lines == 1 else results
+
+
+def test_a_restarted_process_hits_on_its_first_call_and_other_models_never_do(tmp_path):
+    folder = tmp_path / "kv"
+    filled = run_worker("generate", folder, "llama:0:", 11, 12)
+    assert all(call["equal"] for call in filled["calls"]) and filled["calls"][0]["hit_tokens"] == 0
+    assert list(folder.rglob("*.kvb")), "the exit flush wrote nothing"
+
+    again = run_worker("generate", folder, "llama:0:", 11, 12)
+    first = again["calls"][0]
+    assert first["equal"] and first["hit_tokens"] == 36 and first["by_tier"] == {"disk": 36}
+    assert again["tier_errors"] == 0
+
+    # another model, changed weights, another salt: one fresh process, three caches over the folder
+    specs = ["qwen2:0:", "llama:1:", "llama:0:tenant-b"]
+    others = run_worker("generate", folder, ",".join(specs), 11, lines=3)
+    for spec, other in zip(specs, others):
+        call = other["calls"][0]
+        assert call["equal"] and call["hit_tokens"] == 0, (spec, call)
+        assert other["tier_errors"] == 0, spec
+
+
+def test_a_writer_killed_mid_write_leaves_nothing_a_reader_accepts(tmp_path, monkeypatch):
+    folder = tmp_path / "kv"
+    run_worker("write", folder, 0, 2)  # two complete chains first
+    writer = subprocess.Popen(
+        [sys.executable, WORKER, "write", str(folder), "2", "1", "slow"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    try:
+        line = writer.stdout.readline()
+        assert line.startswith("HALF"), line
+        os.kill(writer.pid, signal.SIGKILL)
+    finally:
+        writer.wait(30)
+    assert list(folder.rglob("*.tmp")), "the killed writer should have left its temp file"
+    report = run_worker("read", folder, 3, 0)
+    assert report["invalid"] == 0 and report["valid"] == 6 and report["missing"] == 3
+    tier = DiskTier(folder, LAYOUT)
+    requests, _ = synthetic_chain(chain_tokens(2), value=3.0)
+    assert tier.get(tier_ns(), requests) == [] and tier.counters.errors == 0
+    monkeypatch.setattr(disk_module, "STALE_TEMP_S", -1.0)
+    tier._scan()  # the size sweep removes a dead writer's temp files
+    assert list(folder.rglob("*.tmp")) == []
+
+
+def test_two_writers_and_a_reader_share_one_folder(tmp_path):
+    folder = tmp_path / "kv"
+    count = 40
+    procs = [
+        subprocess.Popen([sys.executable, WORKER, *args], stdout=subprocess.PIPE, text=True, env=ENV)
+        for args in (
+            ["write", str(folder), "0", str(count)],
+            ["write", str(folder), "10", str(count - 10)],  # overlapping chains: the same entries
+            ["read", str(folder), str(count), "6"],
+        )
+    ]
+    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs)
+    report = json.loads(outputs[2].strip().splitlines()[-1])
+    assert report["invalid"] == 0, report
+    assert report["valid"] > 0
+    final = run_worker("read", folder, count, 0)
+    assert final == {"valid": 3 * count, "missing": 0, "invalid": 0, "problems": []}
+    assert list(folder.rglob("*.tmp")) == []
+    time.sleep(0)

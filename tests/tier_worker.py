@@ -1,0 +1,130 @@
+"""A separate interpreter for the disk-tier process tests (restart, crash, concurrency).
+
+python tier_worker.py generate FOLDER FAMILY:WEIGHT_SEED:SALT[,...] PROMPT_SEED...
+    per spec, one tiny model and one PrefixCache over FOLDER; per prompt: generate() without and with
+    the cache. Prints one JSON line per spec: per call equal / hit tokens / hits by tier, and tier
+    errors. Does NOT flush: interpreter exit must (atexit).
+python tier_worker.py write FOLDER FIRST COUNT [slow]
+    writes synthetic chains FIRST..FIRST+COUNT-1 through a DiskTier; with "slow" each file is written
+    half, then the writer sleeps (so a test can SIGKILL it mid-write).
+python tier_worker.py read FOLDER COUNT SECONDS
+    decodes every entry of chains 0..COUNT-1 it finds, again and again for SECONDS; prints how many
+    were valid, missing and invalid (a partial or wrong entry accepted would be a bug).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+CHAIN_TOKENS = 3 * 4  # 3 blocks of 4 tokens per synthetic chain
+
+
+def chain_tokens(index: int) -> list[int]:
+    return [1000 + index, *list(range(1, CHAIN_TOKENS))]
+
+
+def generate(folder, specs, *prompt_seeds):
+    for spec in specs.split(","):
+        generate_one(folder, *spec.split(":"), *prompt_seeds)
+
+
+def generate_one(folder, family, weight_seed, salt, *prompt_seeds):
+    import torch
+    from tiny_models import random_ids, tiny_model
+
+    from hf_prefix_cache import PrefixCache
+
+    model = tiny_model(family, seed=int(weight_seed))
+    cache = PrefixCache(model, block_size=4, num_blocks=64, disk=folder, cache_salt=salt or None)
+    calls = []
+    for seed in prompt_seeds:
+        ids = random_ids(37, int(seed))
+        ref = model.generate(ids, do_sample=False, max_new_tokens=6)
+        out = model.generate(ids, do_sample=False, max_new_tokens=6, cache=cache)
+        calls.append(
+            {
+                "equal": bool(torch.equal(ref, out)),
+                "hit_tokens": cache.last_call.hit_tokens,
+                "by_tier": cache.last_call.hit_tokens_by_tier,
+            }
+        )
+    print(json.dumps({"calls": calls, "tier_errors": cache.stats.tier_errors}), flush=True)
+
+
+def write(folder, first, count, slow=""):
+    from tier_helpers import LAYOUT, synthetic_chain, tier_ns
+
+    from hf_prefix_cache.tiers import DiskTier
+    from hf_prefix_cache.tiers import disk as disk_module
+
+    if slow:
+
+        def slow_write(path, data, fsync):
+            with open(path, "xb") as handle:
+                handle.write(data[: len(data) // 2])
+                handle.flush()
+                print("HALF", path, flush=True)
+                time.sleep(60)
+                handle.write(data[len(data) // 2 :])
+
+        disk_module.write_file = slow_write
+    tier = DiskTier(folder, LAYOUT, max_queued_blocks=10_000, fsync=False)
+    for index in range(int(first), int(first) + int(count)):
+        tier.put(tier_ns(), synthetic_chain(chain_tokens(index), value=float(index + 1))[1])
+    tier.flush(120)
+    print(json.dumps({"done": True}), flush=True)
+
+
+def read(folder, count, seconds):
+    from tier_helpers import LAYOUT, slot_values, synthetic_chain, tier_ns
+
+    from hf_prefix_cache.tiers import DiskTier, EntryError, decode
+
+    tier = DiskTier(folder, LAYOUT)
+    chains = [synthetic_chain(chain_tokens(i), value=float(i + 1))[0] for i in range(int(count))]
+    valid = missing = invalid = 0
+    problems = []
+    deadline = time.monotonic() + float(seconds)
+    while True:
+        for index, requests in enumerate(chains):
+            expected = slot_values(chain_tokens(index), float(index + 1))
+            for position, request in enumerate(requests):
+                try:
+                    data = tier.path(tier_ns(), request.block_hash).read_bytes()
+                except FileNotFoundError:
+                    missing += 1
+                    continue
+                try:
+                    block = decode(data, tier_ns(), request, LAYOUT)
+                except EntryError as error:
+                    invalid += 1
+                    problems.append(str(error))
+                    continue
+                part = expected[:, position * 4 : (position + 1) * 4]
+                if all(torch_equal(t, part) for t in block.keys + block.values):
+                    valid += 1
+                else:
+                    invalid += 1
+                    problems.append("wrong K/V")
+        if time.monotonic() > deadline:
+            break
+    print(
+        json.dumps({"valid": valid, "missing": missing, "invalid": invalid, "problems": problems[:5]}),
+        flush=True,
+    )
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+if __name__ == "__main__":
+    mode, *args = sys.argv[1:]
+    {"generate": generate, "write": write, "read": read}[mode](*args)
