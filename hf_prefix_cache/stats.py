@@ -37,8 +37,9 @@ class CacheStats:
     num_blocks: int = 0
     block_size: int = 0
     evictions: int = 0
-    used_bytes: int = 0
-    capacity_bytes: int = 0
+    used_bytes: int = 0  # K/V of the stored blocks
+    committed_bytes: int = 0  # memory the pool holds now (on CPU it grows with stored blocks)
+    capacity_bytes: int = 0  # the budget (max_memory rounded down to whole blocks)
     fallback: str | None = None
 
     def as_dict(self) -> dict:
@@ -48,9 +49,9 @@ class CacheStats:
         return (
             f"hit rate {self.hit_rate:.1%} ({self.hit_tokens}/{self.prompt_tokens} prompt tokens reused, "
             f"{self.computed_tokens} computed, {self.calls} calls); store {self.stored_blocks}/{self.num_blocks} "
-            f"blocks of {self.block_size} tokens, {format_bytes(self.used_bytes)} of "
-            f"{format_bytes(self.capacity_bytes)}, {self.evictions} evictions"
-            + (f"; FALLBACK: {self.fallback}" if self.fallback else "")
+            f"blocks of {self.block_size} tokens, {format_bytes(self.used_bytes)} used, "
+            f"{format_bytes(self.committed_bytes)} committed of {format_bytes(self.capacity_bytes)}, "
+            f"{self.evictions} evictions" + (f"; FALLBACK: {self.fallback}" if self.fallback else "")
         )
 
     def _repr_html_(self) -> str:
