@@ -80,7 +80,8 @@ def run_generate(cache, original, args: tuple, kwargs: dict):
             kwargs.pop(key, None)
         return original(*args, **kwargs)
     expand = max(config.num_beams or 1, config.num_return_sequences or 1)
-    cache.prepare(input_ids, attention_mask, num_expand=expand)
+    new_tokens = config.max_new_tokens or max(0, (config.max_length or 0) - input_ids.shape[-1])
+    cache.prepare(input_ids, attention_mask, num_expand=expand, max_new_tokens=new_tokens)
     try:
         output = original(*args, **kwargs)
     except BaseException:
