@@ -278,49 +278,64 @@ def main(argv: list[str] | None = None) -> int:
         "--new-tokens", type=int, default=32, help="decode steps per measurement (default 32)"
     )
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument(
+        "--sections",
+        default="construction,ttft,decode,overhead",
+        help="comma-separated subset of construction,ttft,decode,overhead (default: all)",
+    )
+    parser.add_argument("--contexts", help="decode context lengths, e.g. 1000,4000 (default 1000..8000)")
     args = parser.parse_args(argv)
+    sections = set(args.sections.split(","))
     model, tokenizer = load_model("smollm2")
     result: dict = {"threads": torch.get_num_threads(), "load_start": load_average()}
     print(f"SmolLM2-135M-Instruct fp32, {result['threads']} threads, load {result['load_start']:.2f}")
 
-    print("construction", flush=True)
-    result["construction"] = bench_construction(
-        model, tokenizer, ["256MiB", "1GiB", "8GiB"], 3 if args.quick else 5
-    )
-    for budget, row in result["construction"]["budgets"].items():
-        print(
-            f"  PrefixCache(max_memory={budget!r}): {row['construct_ms']:.1f} ms, RSS +{row['rss_growth_mib']:.1f} MiB"
+    if "construction" in sections:
+        print("construction", flush=True)
+        result["construction"] = bench_construction(
+            model, tokenizer, ["256MiB", "1GiB", "8GiB"], 3 if args.quick else 5
         )
-    fill = result["construction"]["fill_8GiB"]
-    print(
-        f"  8GiB store: RSS +{fill['rss_after_construction_mib']:.1f} MiB after construction, "
-        f"+{fill['rss_after_100_blocks_mib']:.1f} MiB after {fill['stored_blocks']} blocks "
-        f"({fill['committed_mib']:.1f} MiB committed of {fill['capacity_mib']:.0f} MiB)"
-    )
+        for budget, row in result["construction"]["budgets"].items():
+            print(
+                f"  PrefixCache(max_memory={budget!r}): {row['construct_ms']:.1f} ms, RSS +{row['rss_growth_mib']:.1f} MiB"
+            )
+        fill = result["construction"]["fill_8GiB"]
+        print(
+            f"  8GiB store: RSS +{fill['rss_after_construction_mib']:.1f} MiB after construction, "
+            f"+{fill['rss_after_100_blocks_mib']:.1f} MiB after {fill['stored_blocks']} blocks "
+            f"({fill['committed_mib']:.1f} MiB committed of {fill['capacity_mib']:.0f} MiB)"
+        )
 
-    print("TTFT at ~2k tokens", flush=True)
-    ttft = bench_ttft.run_benchmark(2000, 32, 3 if args.quick else 5)
-    ttft["load"] = load_average()
-    result["ttft"] = ttft
-    for mode in bench_ttft.MODES:
-        print(f"  {mode:9s} median TTFT {ttft['median_seconds'][mode] * 1000:8.1f} ms")
-    for name, value in ttft["ratios"].items():
-        print(f"  {name:16s} {value:7.3f}")
+    if "ttft" in sections:
+        print("TTFT at ~2k tokens", flush=True)
+        ttft = bench_ttft.run_benchmark(2000, 32, 3 if args.quick else 5)
+        ttft["load"] = load_average()
+        result["ttft"] = ttft
+        for mode in bench_ttft.MODES:
+            print(f"  {mode:9s} median TTFT {ttft['median_seconds'][mode] * 1000:8.1f} ms")
+        for name, value in ttft["ratios"].items():
+            print(f"  {name:16s} {value:7.3f}")
 
-    print("decode", flush=True)
-    contexts = [1000, 2000] if args.quick else [1000, 2000, 4000, 8000]
-    result["decode"] = bench_decode(model, tokenizer, contexts, args.new_tokens)
+    if "decode" in sections:
+        print("decode", flush=True)
+        contexts = [1000, 2000] if args.quick else [1000, 2000, 4000, 8000]
+        if args.contexts:
+            contexts = [int(c) for c in args.contexts.split(",")]
+        result["decode"] = bench_decode(model, tokenizer, contexts, args.new_tokens)
 
-    print("per-call overhead", flush=True)
-    result["overhead"] = bench_overhead(model, args.quick)
-    for row in result["overhead"]["weights_watch"]:
-        print(f"  WeightsWatch.changed() on {row['parameters']} tensors: {row['ms']:.3f} ms")
-    rate = result["overhead"]["hash_blocks"]
-    print(
-        f"  hash_blocks: {rate['tokens_per_s'] / 1e6:.1f} M tokens/s ({rate['ms']:.2f} ms for {rate['tokens']} tokens)"
-    )
+    if "overhead" in sections:
+        print("per-call overhead", flush=True)
+        result["overhead"] = bench_overhead(model, args.quick)
+        for row in result["overhead"]["weights_watch"]:
+            print(f"  WeightsWatch.changed() on {row['parameters']} tensors: {row['ms']:.3f} ms")
+        rate = result["overhead"]["hash_blocks"]
+        print(
+            f"  hash_blocks: {rate['tokens_per_s'] / 1e6:.1f} M tokens/s ({rate['ms']:.2f} ms for {rate['tokens']} tokens)"
+        )
+
     result["load_end"] = load_average()
-    mismatches = [c for c, row in result["decode"].items() if not row["same_tokens"]] + ttft["mismatches"]
+    mismatches = [c for c, row in result.get("decode", {}).items() if not row["same_tokens"]]
+    mismatches += result.get("ttft", {}).get("mismatches", [])
     print(
         f"outputs different from no cache: {mismatches or 'none'}; load at the end {result['load_end']:.2f}"
     )
