@@ -7,7 +7,8 @@ shared and noisy, so only ratios measured side by side mean anything):
 * ``ideal``      - an exact precomputed ``DynamicCache`` of the prefix, ``copy.deepcopy``-ed per call
                    (transformers' documented recipe; the best any prefix reuse can do);
 * ``warm``       - ``PrefixCache`` whose store holds the prefix (each repetition has a new suffix);
-* ``cold``       - ``PrefixCache`` with an empty store (0% hits: the cost of looking up and storing).
+* ``cold``       - a new ``PrefixCache`` made inside the timed call (0% hits: the cost of constructing,
+                   looking up and storing).
 
 TTFT is one ``generate(max_new_tokens=1)`` call, storing included. Run:
 ``python -m hf_prefix_cache_eval.bench_ttft --prefix-tokens 2000 --new-tokens 32``.
@@ -40,8 +41,8 @@ TARGETS = {
 }
 
 
-def real_text_ids(tokenizer, count: int, skip: int = 0) -> list[int]:
-    """``count`` token ids of real text (the system prompt, then MT-Bench questions), from offset ``skip``."""
+def real_text_corpus(tokenizer) -> list[int]:
+    """Token ids of the system prompt, then every MT-Bench question."""
     text = (
         default_system_prompt()
         + "\n\n"
@@ -49,7 +50,12 @@ def real_text_ids(tokenizer, count: int, skip: int = 0) -> list[int]:
             turn.user for conversation in load_conversations("mtbench") for turn in conversation.turns
         )
     )
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def real_text_ids(tokenizer, count: int, skip: int = 0) -> list[int]:
+    """``count`` token ids of real text (the system prompt, then MT-Bench questions), from offset ``skip``."""
+    ids = real_text_corpus(tokenizer)
     if len(ids) < skip + count:
         raise ValueError(f"only {len(ids)} tokens of text available, asked for {skip + count}")
     return ids[skip : skip + count]
@@ -79,11 +85,9 @@ def run_benchmark(prefix_tokens: int = 2000, new_tokens: int = 32, repeats: int 
         model(torch.tensor([prefix]), use_cache=True, **{CACHE_KWARG: ideal_prefix})
     warm_cache = PrefixCache(model, max_memory="1GiB")
     generate(torch.tensor([[*prefix, tokenizer.eos_token_id]]), **{CACHE_KWARG: warm_cache})  # stores it
-    cold_cache = PrefixCache(model, max_memory="1GiB")
 
-    def cold(ids):
-        cold_cache.clear()
-        return generate(ids, **{CACHE_KWARG: cold_cache})
+    def cold(ids):  # a new cache per call: its construction (probe forward included) is timed too
+        return generate(ids, **{CACHE_KWARG: PrefixCache(model, max_memory="1GiB")})
 
     calls = {
         "no_cache": lambda ids: generate(ids),

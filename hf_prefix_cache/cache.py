@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache
 from transformers.generation.utils import GenerationMixin
 
 from .adapters import adapter_namespace
-from .call_state import CallState, place_prefix
+from .call_state import CallState, place_prefix, reserve_room
 from .explain import HitReport, matched_length
 from .fingerprint import WeightsWatch, model_fingerprint
 from .hashing import hash_blocks, root_hash
@@ -211,11 +211,14 @@ class PrefixCache(DynamicCache):
         return hash_blocks(root_hash(self.namespace), tokens, self.block_size, self.extra_keys)
 
     # -- one call ----------------------------------------------------------------------------------
-    def prepare(self, input_ids, attention_mask=None, *, num_expand: int = 1) -> PrefixCache:
+    def prepare(
+        self, input_ids, attention_mask=None, *, num_expand: int = 1, max_new_tokens: int | None = None
+    ) -> PrefixCache:
         """Fill this cache with the longest stored prefix of ``input_ids`` and return it.
 
         Pass the same ``input_ids``/``attention_mask`` to ``generate()`` next; ``num_expand`` is
-        ``max(num_beams, num_return_sequences)``. Call ``commit`` (or ``release``) afterwards.
+        ``max(num_beams, num_return_sequences)``; ``max_new_tokens`` sizes the layer buffers up front
+        (without it they grow by doubling). Call ``commit`` (or ``release``) afterwards.
         """
         started = time.perf_counter()
         try:
@@ -231,6 +234,7 @@ class PrefixCache(DynamicCache):
                 return self
             size = self.block_size
             call = self._call = CallState(self.namespace, rows, ids.shape[1], num_expand)
+            reserve_room(self.layers, ids.shape[1], max_new_tokens)
             sources: list[list[str]] = [[] for _ in rows]  # the tier of each hit block, per row
             for row, row_sources in zip(rows, sources):
                 row.hashes = hash_blocks(call.root, row.tokens, size, self.extra_keys)
@@ -491,6 +495,7 @@ class PrefixCache(DynamicCache):
             block_size=self.block_size,
             evictions=pool.evictions - self._evictions_at_reset if pool else 0,
             used_bytes=self.store.used_bytes if self.store else 0,
+            committed_bytes=self.store.committed_bytes if self.store else 0,
             capacity_bytes=self.store.capacity_bytes if self.store else 0,
             fallback=self.fallback,
             refused_calls=self._refused,
@@ -514,6 +519,10 @@ class PrefixCache(DynamicCache):
         be using them; they age out under ``disk_size``. Returns the number of device blocks dropped.
         """
         self._release_if_mine()
+        if self._owner is None:  # another thread's call in flight keeps using this view's buffers
+            for layer in self.layers:
+                if hasattr(layer, "release_buffers"):
+                    layer.release_buffers()
         if self.store is None:
             return 0
         dropped = self.store.clear()

@@ -27,12 +27,27 @@ class CallState:
         self.rows_changed = False  # rows added or dropped: nothing can be attributed any more
 
 
+# Slots reserved up front for new tokens beyond the prompt; longer replies grow the buffers by doubling.
+MAX_RESERVED_NEW_TOKENS = 4096
+
+
+def reserve_room(layers: list, width: int, max_new_tokens: int | None) -> None:
+    """Tell full-attention layers how many slots this call will need, so they never regrow mid-call."""
+    slots = width + min(max_new_tokens, MAX_RESERVED_NEW_TOKENS) if max_new_tokens else 0
+    for layer in layers:
+        if hasattr(layer, "reserve"):
+            layer.reserve = slots
+
+
 def place_prefix(layers: list, store: BlockStore, call: CallState) -> None:
     """Put the first ``call.loaded`` slots of every row into ``layers`` from the store."""
     size, loaded = store.block_size, call.loaded
+    runs = [consecutive_runs(row.hits[: math.ceil(max(0, loaded - row.pad) / size)]) for row in call.rows]
     for index, layer in enumerate(layers):
-        window = getattr(layer, "sliding_window", None)
-        first = max(0, loaded - (window - 1)) if window else 0  # a window needs only its last slots
+        if hasattr(layer, "prefix_slots"):  # full attention: straight into the layer's buffers
+            _copy_into_layer(layer, index, store, call, runs)
+            continue
+        first = max(0, loaded - (layer.sliding_window - 1))  # a sliding window needs only its last slots
         batch = []
         for row in call.rows:
             start, end = max(first - row.pad, 0), loaded - row.pad  # token range of this row
@@ -46,10 +61,43 @@ def place_prefix(layers: list, store: BlockStore, call: CallState) -> None:
         keys, values = _left_pad(batch, loaded - first, store.layouts[index])
         if call.expand > 1:
             keys, values = keys.repeat_interleave(call.expand, 0), values.repeat_interleave(call.expand, 0)
-        if window:
-            layer.load_prefix(keys, values, total_length=loaded)
+        layer.load_prefix(keys, values, total_length=loaded)
+
+
+def consecutive_runs(blocks: list, most: int = 8) -> list[list]:
+    """``blocks`` cut where block ids stop being consecutive (each run reads as one view of the pool);
+    a chain of more than ``most`` runs stays one piece, gathered at once."""
+    runs: list[list] = []
+    for block in blocks:
+        if runs and runs[-1][-1].block_id + 1 == block.block_id:
+            runs[-1].append(block)
         else:
-            layer.load_prefix(keys, values)
+            runs.append([block])
+    return runs if len(runs) <= most else [list(blocks)]
+
+
+def _copy_into_layer(layer, index: int, store: BlockStore, call: CallState, runs: list[list[list]]) -> None:
+    """Copy each row's stored prefix straight into the layer's buffers: the only copy of the prefix."""
+    layout, loaded = store.layouts[index], call.loaded
+    keys, values = layer.prefix_slots(
+        len(call.rows) * call.expand, loaded, layout.num_heads, layout.head_dim, layout.dtype, layout.device
+    )
+    for number, row in enumerate(call.rows):
+        target = number * call.expand
+        pad = min(row.pad, loaded)
+        if pad:  # padding slots: zeros, hidden by the attention mask as pad tokens are without a cache
+            keys[target, :, :pad].zero_()
+            values[target, :, :pad].zero_()
+        slot = pad
+        for run in runs[number]:
+            stored_keys, stored_values = store.read(index, run)
+            n = min(stored_keys.shape[1], loaded - slot)
+            keys[target, :, slot : slot + n].copy_(stored_keys[:, :n])
+            values[target, :, slot : slot + n].copy_(stored_values[:, :n])
+            slot += n
+        if call.expand > 1:  # beams / return sequences start from copies of their prompt's row
+            keys[target + 1 : target + call.expand].copy_(keys[target])
+            values[target + 1 : target + call.expand].copy_(values[target])
 
 
 def _left_pad(batch: list[tuple[torch.Tensor, torch.Tensor] | None], length: int, layout: LayerLayout):

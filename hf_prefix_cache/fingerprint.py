@@ -48,23 +48,40 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 class WeightsWatch:
-    """Tells, in about a millisecond, whether the model's weights may have changed since the last look."""
+    """Tells, well under a millisecond, whether the model's weights may have changed since the last look.
+
+    The per-call cost is one identity tuple per parameter and one ``torch.stack`` per device and dtype of
+    the probed elements: the probes are 0-dim views, made again only when a parameter's identity changed,
+    so an in-place write shows through them. They keep the probed storages alive until that rebuild.
+    """
 
     def __init__(self, model: torch.nn.Module):
         self.parameters = list(model.parameters())
         self._last: tuple | None = None
+        self._identity: list | None = None
+        self._probes: list[list[torch.Tensor]] = []  # one list of 0-dim views per (device, dtype)
+
+    def _identity_now(self) -> list:
+        return [(p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters]
+
+    def _make_probes(self) -> list[list[torch.Tensor]]:
+        groups: dict[tuple, list[torch.Tensor]] = {}
+        with torch.no_grad():
+            for p in self.parameters:
+                if p.device.type != "meta" and p.numel():
+                    probe = _middle_element(p.detach())
+                    groups.setdefault((p.device, p.dtype), []).append(probe)
+        return list(groups.values())
 
     def _state(self) -> tuple:
+        identity = self._identity_now()
+        if identity != self._identity:
+            self._identity, self._probes = identity, self._make_probes()
         with torch.no_grad():
-            identity = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters)
-            probes = [
-                p.detach().reshape(-1)[p.numel() // 2] for p in self.parameters if p.device.type != "meta"
-            ]
-            by_device: dict[torch.device, list[torch.Tensor]] = {}
-            for probe in probes:
-                by_device.setdefault(probe.device, []).append(probe.to(torch.float64))
-            values = tuple(v for group in by_device.values() for v in torch.stack(group).cpu().tolist())
-        return identity, values
+            values = tuple(
+                torch.stack(group).to(torch.float64).cpu().numpy().tobytes() for group in self._probes
+            )
+        return tuple(identity), values
 
     def changed(self) -> bool:
         """True on the first call and whenever a parameter was replaced, cast, moved or written."""
@@ -74,3 +91,12 @@ class WeightsWatch:
 
     def dtypes_and_devices(self) -> set[tuple[torch.dtype, torch.device]]:
         return {(p.dtype, p.device) for p in self.parameters}
+
+
+def _middle_element(tensor: torch.Tensor) -> torch.Tensor:
+    """A 0-dim view (never a copy, whatever the strides) of the element at flat index ``numel // 2``."""
+    index, coordinates = tensor.numel() // 2, []
+    for size in reversed(tensor.shape):
+        coordinates.append(index % size)
+        index //= size
+    return tensor[tuple(reversed(coordinates))]

@@ -104,8 +104,9 @@ def run_generate(cache, original, args: tuple, kwargs: dict):
             kwargs.pop(key, None)
         return original(*args, **kwargs)
     expand = max(config.num_beams or 1, config.num_return_sequences or 1)
+    new_tokens = config.max_new_tokens or max(0, (config.max_length or 0) - input_ids.shape[-1])
     try:  # prepare inside: an interrupt right after it returns still releases what it took
-        cache.prepare(input_ids, attention_mask, num_expand=expand)
+        cache.prepare(input_ids, attention_mask, num_expand=expand, max_new_tokens=new_tokens)
         cache._generating = True
         output = original(*args, **kwargs)
         sequences = output if isinstance(output, torch.Tensor) else getattr(output, "sequences", None)

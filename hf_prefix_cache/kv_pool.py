@@ -1,7 +1,15 @@
-"""Preallocated K/V tensors, one pair per layer, on that layer's own device and dtype.
+"""K/V tensors, one pair per layer, on that layer's own device and dtype, committed on demand.
 
 Layout per layer is ``[heads, num_blocks, block_size, head_dim]`` so that gathering a chain of blocks
 with ``index_select`` yields ``[heads, n * block_size, head_dim]`` with a single copy.
+
+Memory policy. The tensors are made with ``torch.empty``, never filled: a block is only ever read after
+it was written. On CPU a large ``torch.empty`` is an untouched anonymous mapping, so the operating system
+commits pages only when a block is first written: construction costs the same whatever the budget, and
+resident memory follows the stored blocks (``committed_bytes``), not ``max_memory``. The block pool hands
+out the lowest never-used block ids first, so the touched pages stay packed. On CUDA the caching
+allocator reserves the whole budget at construction, as vLLM does (preallocation, but without a fill
+kernel): size ``max_memory`` for the device, and ``committed_bytes`` reports the full budget there.
 """
 
 from __future__ import annotations
@@ -18,14 +26,23 @@ class KVPool:
         self.num_blocks = num_blocks
         self.keys = [self._empty(layout, num_blocks) for layout in layouts]
         self.values = [self._empty(layout, num_blocks) for layout in layouts]
+        self._written = bytearray(num_blocks)  # 1 where a block was ever written (its pages are committed)
+        self._num_written = 0
 
     def _empty(self, layout: LayerLayout, num_blocks: int) -> torch.Tensor:
         shape = (layout.num_heads, num_blocks, self.block_size, layout.head_dim)
-        return torch.zeros(shape, dtype=layout.dtype, device=layout.device)
+        return torch.empty(shape, dtype=layout.dtype, device=layout.device)
 
     @property
     def capacity_bytes(self) -> int:
+        """The budget: bytes the pool may grow to."""
         return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values))
+
+    @property
+    def committed_bytes(self) -> int:
+        """Bytes backed by memory now: blocks ever written on CPU (pages touched), everything elsewhere."""
+        on_demand = sum(x.block_bytes(self.block_size) for x in self.layouts if x.device.type == "cpu")
+        return self._num_written * on_demand + self.num_blocks * (self.block_bytes() - on_demand)
 
     def block_bytes(self) -> int:
         return sum(layout.block_bytes(self.block_size) for layout in self.layouts)
@@ -33,16 +50,32 @@ class KVPool:
     def _ids(self, block_ids: list[int], device: torch.device) -> torch.Tensor:
         return torch.tensor(block_ids, dtype=torch.long, device=device)
 
+    def _mark_written(self, block_ids: list[int]) -> None:
+        for block_id in block_ids:
+            if not self._written[block_id]:
+                self._written[block_id] = 1
+                self._num_written += 1
+
     def read(self, layer: int, block_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of ``block_ids`` in order, each ``[heads, len(block_ids) * block_size, head_dim]``."""
+        """K and V of ``block_ids`` in order, each ``[heads, len(block_ids) * block_size, head_dim]``.
+
+        Consecutive ids (a chain stored by one call) come back as VIEWS of the pool, without a copy: use
+        or copy them while the blocks are referenced, never keep them past ``release``. Other chains are
+        gathered into new tensors.
+        """
         keys, values = self.keys[layer], self.values[layer]
-        ids = self._ids(block_ids, keys.device)
         heads, _, block_size, head_dim = keys.shape
         shape = (heads, len(block_ids) * block_size, head_dim)
+        first = block_ids[0] if block_ids else 0
+        if block_ids == list(range(first, first + len(block_ids))):
+            end = first + len(block_ids)
+            return keys[:, first:end].view(shape), values[:, first:end].view(shape)
+        ids = self._ids(block_ids, keys.device)
         return keys.index_select(1, ids).view(shape), values.index_select(1, ids).view(shape)
 
     def write(self, layer: int, block_ids: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store ``keys``/``values`` (``[heads, len(block_ids) * block_size, head_dim]``) into ``block_ids``."""
+        self._mark_written(block_ids)
         pool_k, pool_v = self.keys[layer], self.values[layer]
         heads, _, block_size, head_dim = pool_k.shape
         shape = (heads, len(block_ids), block_size, head_dim)

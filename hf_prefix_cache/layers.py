@@ -1,9 +1,10 @@
 """Cache layers that can be pre-filled with a stored prefix and that keep every K/V they were given.
 
 They are transformers' own dynamic layers (so masks, sliding windows and generate() behave exactly as with
-a ``DynamicCache``) plus two things: ``load_prefix`` places a stored prefix without a concatenation, and
-``captured`` returns the K/V of every slot computed in this call. A sliding layer trims its window in
-``update()``, so it keeps the untrimmed chunks on the side for the store.
+a ``DynamicCache``) plus two things: the stored prefix is placed without a concatenation, and
+``captured`` returns the K/V of every slot computed in this call. A full-attention layer keeps its K/V in
+buffers with room to grow and appends in place (no O(context) copy per decode step). A sliding layer
+trims its window in ``update()``, so it keeps the untrimmed chunks on the side for the store.
 """
 
 from __future__ import annotations
@@ -13,16 +14,115 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 
 class PrefixFullLayer(DynamicLayer):
-    """Full attention: ``keys``/``values`` already hold every slot."""
+    """Full attention: ``keys``/``values`` are views ``[:, :, :length]`` of per-call buffers with spare room.
 
-    def load_prefix(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    ``update()`` copies the new slots into the buffer in place, so neither the prefill nor a decode step
+    concatenates the context; the buffer doubles when full. Whatever transformers' own methods do to
+    ``keys`` (``crop`` keeps a shorter view; ``reorder_cache``, ``batch_repeat_interleave`` and
+    ``batch_select_indices`` assign new tensors) is adopted at the next ``update``. The buffers outlive
+    ``reset`` and are reused by the next call when they fit, so their pages are not faulted in again.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.reserve = 0  # slots to allocate for up front (prompt + new tokens); 0: as needed, then doubling
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
+
+    def prefix_slots(
+        self, rows: int, length: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hold ``length`` slots (the caller writes them) and return them as ``[rows, heads, length, dim]`` views."""
         self.reset()
-        self.lazy_initialization(keys, values)
-        self.keys, self.values = keys, values
+        self._ensure_buffers(rows, heads, head_dim, dtype, device, max(length, self.reserve), keep=0)
+        self.device, self.is_initialized = device, True
+        self.keys, self.values = self._key_buffer[:, :, :length], self._value_buffer[:, :, :length]
+        return self.keys, self.values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if value_states.shape[-1] != key_states.shape[-1] or value_states.dtype != key_states.dtype:
+            return super().update(key_states, value_states, *args, **kwargs)  # unusual: keep the plain path
+        length = self._held_length()
+        if length is None or (length > 0 and self.keys.shape[:2] != key_states.shape[:2]):
+            return super().update(key_states, value_states, *args, **kwargs)
+        end = length + key_states.shape[-2]
+        rows, heads, _, head_dim = key_states.shape
+        self._ensure_buffers(rows, heads, head_dim, key_states.dtype, key_states.device, end, keep=length)
+        self._key_buffer[:, :, length:end].copy_(key_states)
+        self._value_buffer[:, :, length:end].copy_(value_states)
+        self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
+        return self.keys, self.values
 
     def captured(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(keys, values, first slot) of everything this layer saw since the last reset."""
         return self.keys, self.values, 0
+
+    def _held_length(self) -> int | None:
+        """Slots held now, after moving ``keys``/``values`` into the buffers if something replaced them.
+
+        None when they cannot be held in place (keys and values of different shapes or devices).
+        """
+        keys, values = self.keys, self.values
+        if keys is None or keys.numel() == 0:
+            return 0
+        if self._is_buffer_view(keys, self._key_buffer) and self._is_buffer_view(values, self._value_buffer):
+            return keys.shape[-2]
+        if keys.shape != values.shape or keys.device != values.device or keys.dim() != 4:
+            return None
+        rows, heads, length, head_dim = keys.shape
+        if self._aliases_buffers(keys) or self._aliases_buffers(values):
+            self._key_buffer = self._value_buffer = None  # a view of the old buffers: copy it elsewhere
+        self._ensure_buffers(rows, heads, head_dim, keys.dtype, keys.device, length, keep=0)
+        self._key_buffer[:, :, :length].copy_(keys)
+        self._value_buffer[:, :, :length].copy_(values)
+        self.keys, self.values = self._key_buffer[:, :, :length], self._value_buffer[:, :, :length]
+        return length
+
+    def _aliases_buffers(self, tensor: torch.Tensor) -> bool:
+        storage = tensor.untyped_storage().data_ptr()
+        return any(
+            buffer is not None and buffer.untyped_storage().data_ptr() == storage
+            for buffer in (self._key_buffer, self._value_buffer)
+        )
+
+    @staticmethod
+    def _is_buffer_view(tensor: torch.Tensor, buffer: torch.Tensor | None) -> bool:
+        return (
+            buffer is not None
+            and tensor.data_ptr() == buffer.data_ptr()
+            and tensor.stride() == buffer.stride()
+            and tensor.shape[:2] == buffer.shape[:2]
+            and tensor.shape[3] == buffer.shape[3]
+            and tensor.dtype == buffer.dtype
+        )
+
+    def _ensure_buffers(self, rows, heads, head_dim, dtype, device, slots: int, keep: int) -> None:
+        """Buffers of this shape with room for ``slots``; the first ``keep`` slots survive a regrowth."""
+        buffer = self._key_buffer
+        fits = (
+            buffer is not None
+            and buffer.shape[:2] == (rows, heads)
+            and buffer.shape[3] == head_dim
+            and buffer.dtype == dtype
+            and buffer.device == device
+        )
+        if fits and buffer.shape[2] >= slots:
+            return
+        capacity = max(slots, self.reserve, 2 * buffer.shape[2] if fits else 0)
+        shape = (rows, heads, capacity, head_dim)
+        new_keys = torch.empty(shape, dtype=dtype, device=device)
+        new_values = torch.empty(shape, dtype=dtype, device=device)
+        if keep:
+            new_keys[:, :, :keep].copy_(self._key_buffer[:, :, :keep])
+            new_values[:, :, :keep].copy_(self._value_buffer[:, :, :keep])
+        self._key_buffer, self._value_buffer = new_keys, new_values
+
+    def release_buffers(self) -> None:
+        """Free the buffers kept for the next call."""
+        self.reset()
+        self._key_buffer = self._value_buffer = None
 
 
 class PrefixSlidingLayer(DynamicSlidingWindowLayer):

@@ -37,12 +37,11 @@ class UnsupportedLayout(Exception):
 def probe_layout(model: torch.nn.Module) -> list[LayerLayout]:
     """Run one token through ``model`` and describe every cache layer; raise UnsupportedLayout if needed."""
     config = model.config.get_text_config(decoder=True)
-    cache = DynamicCache(config=config)
     token = getattr(config, "bos_token_id", None)
     token = token[0] if isinstance(token, (list, tuple)) else token
     input_ids = torch.tensor([[token if isinstance(token, int) else 0]], device=_input_device(model))
     with torch.no_grad():
-        model(input_ids=input_ids, use_cache=True, **{CACHE_KWARG: cache})
+        cache = _probe_forward(model, input_ids, config)
     layouts = []
     for index, layer in enumerate(cache.layers):
         if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
@@ -55,6 +54,22 @@ def probe_layout(model: torch.nn.Module) -> list[LayerLayout]:
     if not layouts:
         raise UnsupportedLayout("the model stored nothing in its cache")
     return layouts
+
+
+def _probe_forward(model: torch.nn.Module, input_ids: torch.Tensor, config) -> DynamicCache:
+    """The cache after one forward pass, through the base transformer when there is one: the LM head (a
+    vocabulary-sized matmul, a good part of a one-token forward) adds nothing to the cache."""
+    base = getattr(model, "base_model", model)
+    if base is not model and isinstance(base, torch.nn.Module):
+        cache = DynamicCache(config=config)
+        try:
+            base(input_ids=input_ids, use_cache=True, **{CACHE_KWARG: cache})
+            return cache
+        except TypeError:  # a base model with another signature: probe through the whole model
+            pass
+    cache = DynamicCache(config=config)
+    model(input_ids=input_ids, use_cache=True, **{CACHE_KWARG: cache})
+    return cache
 
 
 def _input_device(model: torch.nn.Module) -> torch.device:

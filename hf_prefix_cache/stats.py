@@ -39,8 +39,9 @@ class CacheStats:
     num_blocks: int = 0
     block_size: int = 0
     evictions: int = 0
-    used_bytes: int = 0
-    capacity_bytes: int = 0
+    used_bytes: int = 0  # K/V of the stored blocks
+    committed_bytes: int = 0  # memory the pool holds now (on CPU it grows with stored blocks)
+    capacity_bytes: int = 0  # the budget (max_memory rounded down to whole blocks)
     fallback: str | None = None
     refused_calls: int = 0  # calls whose K/V the store refused (see CallStats.refused)
     hit_tokens_by_tier: dict[str, int] = field(default_factory=dict)  # {"device": .., "host": .., "disk": ..}
@@ -54,8 +55,9 @@ class CacheStats:
         return (
             f"hit rate {self.hit_rate:.1%} ({self.hit_tokens}/{self.prompt_tokens} prompt tokens reused, "
             f"{self.computed_tokens} computed, {self.calls} calls); store {self.stored_blocks}/{self.num_blocks} "
-            f"blocks of {self.block_size} tokens, {format_bytes(self.used_bytes)} of "
-            f"{format_bytes(self.capacity_bytes)}, {self.evictions} evictions"
+            f"blocks of {self.block_size} tokens, {format_bytes(self.used_bytes)} used, "
+            f"{format_bytes(self.committed_bytes)} committed of {format_bytes(self.capacity_bytes)}, "
+            f"{self.evictions} evictions"
             + (f"; hit tokens by tier {self.hit_tokens_by_tier}" if self.tiers else "")
             + (f", {self.tier_errors} tier errors" if self.tier_errors else "")
             + (f"; FALLBACK: {self.fallback}" if self.fallback else "")

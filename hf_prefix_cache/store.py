@@ -216,6 +216,10 @@ class BlockStore:
         return self.kv.capacity_bytes
 
     @property
+    def committed_bytes(self) -> int:
+        return self.kv.committed_bytes
+
+    @property
     def used_bytes(self) -> int:
         return self.pool.num_cached * self.kv.block_bytes()
 

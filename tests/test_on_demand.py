@@ -1,0 +1,103 @@
+"""Memory and copies on demand: the pool commits memory per stored block, decoding appends in place."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import resource
+
+import pytest
+import torch
+from exact import assert_same_output, greedy
+from tiny_models import random_ids, tiny_model
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from hf_prefix_cache import BlockStore, PrefixCache
+from hf_prefix_cache.compat import CACHE_KWARG
+from hf_prefix_cache.layout import LayerLayout
+from hf_prefix_cache.memory import parse_bytes
+
+BIG_LAYOUT = [LayerLayout(8, 128, torch.float32, torch.device("cpu")) for _ in range(4)]  # 512 KiB a block
+MiB = 2**20
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads resident memory from /proc (Linux)")
+def test_resident_memory_follows_stored_blocks_not_the_budget():
+    block_bytes = sum(layout.block_bytes(16) for layout in BIG_LAYOUT)
+    source = [torch.randn(8, 100 * 16, 128) for _ in BIG_LAYOUT]  # made before the baseline is read
+    before = resident_bytes()
+    store = BlockStore.sized(BIG_LAYOUT, block_size=16, max_memory="2GiB")
+    after_construction = resident_bytes()
+    assert store.capacity_bytes > parse_bytes("1.9GiB")
+    assert store.committed_bytes == 0
+    assert after_construction - before < 32 * MiB  # a zero-filled pool would be resident: 2 GiB
+
+    for layer, values in enumerate(source):
+        store.kv.write(layer, list(range(100)), values, values)
+    after_fill = resident_bytes()
+    assert store.committed_bytes == 100 * block_bytes
+    grown = after_fill - after_construction
+    assert 0.9 * 100 * block_bytes <= grown <= 100 * block_bytes + 32 * MiB
+    keys, _ = store.kv.read(3, [0, 99])
+    assert torch.equal(keys[:, 16:], source[3][:, 99 * 16 :])
+
+
+class KeyPointers(StoppingCriteria):
+    """Records, before every decode step, where each full-attention layer's keys and values live."""
+
+    def __init__(self, cache: PrefixCache):
+        self.cache, self.steps = cache, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        layers = [layer for layer in self.cache.layers if not getattr(layer, "is_sliding", False)]
+        self.steps.append(
+            [(layer.keys.data_ptr(), layer.values.data_ptr(), layer.keys.shape[-2]) for layer in layers]
+        )
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_decode_steps_append_in_place_without_copying_the_context(family):
+    model = tiny_model(family)
+    cache = PrefixCache(model, block_size=4, num_blocks=64)
+    prefix = random_ids(37, seed=5)[0].tolist()
+    greedy(model, torch.tensor([[*prefix, 7]]), **{CACHE_KWARG: cache})  # stores the prefix
+    prompt = torch.tensor([[*prefix, 9, 11, 13]])
+    pointers = KeyPointers(cache)
+    out = greedy(
+        model,
+        prompt,
+        max_new_tokens=12,
+        min_new_tokens=12,
+        stopping_criteria=StoppingCriteriaList([pointers]),
+        **{CACHE_KWARG: cache},
+    )
+    assert cache.last_call.hit_tokens == 36
+    assert len(pointers.steps) == 12
+    for layer in range(len(pointers.steps[0])):
+        places = {(k, v) for step in pointers.steps for k, v, _ in [step[layer]]}
+        lengths = [step[layer][2] for step in pointers.steps]
+        assert lengths == list(range(prompt.shape[1], prompt.shape[1] + 12))
+        assert len(places) == 1, f"layer {layer}'s K/V moved during decoding: copied, not appended in place"
+    assert_same_output(greedy(model, prompt, max_new_tokens=12, min_new_tokens=12), out)
+
+
+def test_without_a_length_hint_the_buffers_grow_by_doubling():
+    model = tiny_model("llama")
+    cache = PrefixCache(model, block_size=4, num_blocks=64, install=False)
+    ids = random_ids(8, seed=2)
+    places = []
+    with torch.no_grad():
+        logits = model(ids, use_cache=True, **{CACHE_KWARG: cache}).logits
+        for _ in range(120):
+            token = logits[:, -1:].argmax(-1)
+            logits = model(token, use_cache=True, **{CACHE_KWARG: cache}).logits
+            places.append(cache.layers[0].keys.data_ptr())
+    assert cache.get_seq_length() == 128
+    moves = sum(1 for a, b in itertools.pairwise(places) if a != b)
+    assert moves <= 4  # 8 -> 16 -> 32 -> 64 -> 128 slots: a copy per doubling, not per token
