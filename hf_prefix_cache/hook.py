@@ -150,6 +150,8 @@ def _call_fallback_reason(cache, config: GenerationConfig, input_ids, kwargs: di
     mode = config.get_generation_mode()
     if mode not in EXACT_MODES:
         return f"generation mode {mode.value!r} is not supported"
+    if kwargs.get("custom_generate") is not None:
+        return "custom_generate runs its own decoding loop, whose use of the cache cannot be verified"
     return None
 
 

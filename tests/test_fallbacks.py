@@ -127,3 +127,23 @@ def test_encoder_decoders_and_multimodal_models_fall_back_up_front(build, reason
             assert cache.last_call.hit_tokens == 0 and cache.get_seq_length() == 0
     messages = fallback_warnings(records)
     assert len(messages) == 1 and reason in messages[0], messages
+
+
+def test_a_custom_decoding_loop_falls_back_even_in_greedy_mode():
+    """A callable ``custom_generate`` replaces generate()'s loop: the cache cannot know how it uses the
+    K/V, so the call recomputes without it, exactly, and says so once."""
+    model = model_for("llama")
+    loop = DecodingLoop()
+    prompt = random_ids(30, 2)
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        cache = PrefixCache(model, block_size=4, num_blocks=64)
+        model.generate(prompt, cache=cache, **GREEDY)  # a supported call stores the prompt
+        for _ in range(2):
+            outcome = compare(model, cache, prompt, custom_generate=loop, **GREEDY)
+            assert_exact(outcome.ref, outcome.out)
+            assert outcome.forwards[0] == 30  # the whole prompt was recomputed, although it is stored
+    messages = fallback_warnings(records)
+    assert len(messages) == 1 and "custom_generate" in messages[0], messages
+    assert loop.saw_prefix_cache == [False] * 4
+    assert cache.stats.calls == 1 and cache.store.pool.num_referenced == 0
