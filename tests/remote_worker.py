@@ -1,12 +1,14 @@
 """A separate interpreter for the remote-tier process tests: one tiny model, one PrefixCache whose only
 lower tier is the Redis server at URL.
 
-python remote_worker.py chat URL CONVERSATION TURNS [FIRST_TURN_FILE]
+python remote_worker.py chat URL CONVERSATION TURNS
     replays TURNS turns of conversation CONVERSATION (a system prompt shared by every conversation, then
-    its own user turns); each turn: generate() without and with the cache. With FIRST_TURN_FILE the
-    first prompt is that file's token ids (another process's history) plus a new user turn.
-    Prints one JSON line: per call equal / hit tokens / hits by tier, the final history, tier errors.
-    Does NOT flush: interpreter exit must (atexit).
+    its own user turns); each turn: generate() without and with the cache.
+python remote_worker.py continue URL HISTORY_FILE...
+    one call per file: that file's token ids (another process's conversation) plus a new user turn.
+
+Both print one JSON line: per call equal / hit tokens / hits by tier, the final history, tier errors
+and the remote tier's counters. Neither flushes: interpreter exit must (atexit).
 """
 
 from __future__ import annotations
@@ -26,23 +28,31 @@ def user_turn(conversation: int, turn: int) -> list[int]:
     return new_tokens(7, 1000 + 37 * conversation + turn)
 
 
-def chat(url, conversation, turns, first_turn_file=""):
-    import torch
+def chat(url, conversation, turns):
     from exactness import new_tokens
+
+    conversation = int(conversation)
+    prompts = (lambda history, turn: history + user_turn(conversation, turn) for _ in range(int(turns)))
+    run(url, new_tokens(SYSTEM_TOKENS, 100), prompts)
+
+
+def continue_(url, *history_files):
+    histories = [json.loads(Path(name).read_text()) for name in history_files]
+    run(url, None, (lambda _, turn, h=h: h + user_turn(99, turn) for h in histories))
+
+
+def run(url, history, prompts):
+    """Each of ``prompts`` (history, turn) -> ids: generate() without and with the cache; print JSON."""
+    import torch
     from tiny_models import tiny_model
 
     from hf_prefix_cache import PrefixCache
 
     model = tiny_model("llama", seed=0)
     cache = PrefixCache(model, block_size=4, num_blocks=256, remote=url, remote_min_tokens=0)
-    conversation, turns = int(conversation), int(turns)
-    if first_turn_file:
-        history = json.loads(Path(first_turn_file).read_text())
-    else:
-        history = new_tokens(SYSTEM_TOKENS, 100)
     calls = []
-    for turn in range(turns):
-        ids = torch.tensor([history + user_turn(conversation, turn)])
+    for turn, prompt in enumerate(prompts):
+        ids = torch.tensor([prompt(history, turn)])
         mask = torch.ones_like(ids)
         ref = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=5)
         out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=5, cache=cache)
@@ -71,4 +81,4 @@ def chat(url, conversation, turns, first_turn_file=""):
 
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
-    {"chat": chat}[mode](*args)
+    {"chat": chat, "continue": continue_}[mode](*args)

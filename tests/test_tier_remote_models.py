@@ -153,4 +153,4 @@ def test_a_server_killed_mid_run_costs_recomputation_only_and_hits_resume_after_
     cache.store.clear()
     again = _call(model, cache, GREEDY, prompts[0])
     assert_exact(again.ref, again.out)
-    assert again.hit_tokens == 28 and cache.last_call.hit_tokens_by_tier == {"device": 0, "remote": 28}
+    assert again.hit_tokens == 28 and cache.last_call.hit_tokens_by_tier == {"remote": 28}

@@ -164,6 +164,7 @@ class RemoteTier(Tier):
             with self._state_lock:
                 self._next_try = time.monotonic() + self._delay
                 delay, self._delay = self._delay, min(self._delay * 2, self.max_backoff_s)
+                self._known.clear()  # it may come back empty (a restart): write blocks again then
             self.error(kind, f"{doing} {self.url} failed ({error!r}); retrying in {delay:.1f} s")
         else:
             self.error("server", f"{doing} {self.url} failed ({error!r})")
