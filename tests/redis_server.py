@@ -29,18 +29,21 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server child process; ``kill`` and ``start`` again keep the same port (and lose the data)."""
 
-    def __init__(self, folder: Path, maxmemory: str = "64mb", port: int | None = None):
+    def __init__(self, folder: Path, maxmemory: str = "64mb", unix_socket: bool = False):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.maxmemory = maxmemory
-        self.port = port or free_port()
+        self.socket = self.folder / "redis.sock" if unix_socket else None  # then no TCP port at all
+        self.port = 0 if unix_socket else free_port()
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"unix://{self.socket}?db=0" if self.socket else f"redis://127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
+        if self.socket:
+            return redis.Redis(unix_socket_path=str(self.socket), socket_timeout=5)
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
 
     def start(self) -> RedisServer:
@@ -59,6 +62,7 @@ class RedisServer:
             "--maxmemory-policy", "allkeys-lru",
             "--dir", str(self.folder),
             "--daemonize", "no",
+            *(["--unixsocket", str(self.socket)] if self.socket else []),
         ]  # fmt: skip
         log = open(self.folder / "redis.log", "ab")  # noqa: SIM115 - the child keeps writing to it
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -74,7 +78,7 @@ class RedisServer:
                 time.sleep(0.05)
         tail = (self.folder / "redis.log").read_text(errors="replace")[-2000:]
         self.stop()
-        raise RuntimeError(f"redis-server did not start on port {self.port}:\n{tail}")
+        raise RuntimeError(f"redis-server did not start at {self.url}:\n{tail}")
 
     def kill(self) -> None:
         """SIGKILL: the server vanishes mid-run, as a crashed host would."""

@@ -299,6 +299,13 @@ def test_without_redis_py_the_library_works_and_remote_names_the_extra():
     assert "pip install hf_prefix_cache[redis]" in out.stdout
 
 
+def test_a_unix_socket_url_works(tmp_path):
+    with RedisServer(tmp_path / "redis", unix_socket=True) as server:
+        assert server.url.startswith("unix://")
+        requests, blocks = stored(server)
+        assert same_kv(remote(server).get(tier_ns(), requests), blocks)
+
+
 def test_remote_options_need_remote():
     from tiny_models import tiny_model
 
