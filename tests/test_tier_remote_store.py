@@ -158,11 +158,26 @@ def test_a_full_write_queue_drops_and_counts_instead_of_waiting(server, monkeypa
     deadline = time.monotonic() + 10
     while tier._queue.qsize() and time.monotonic() < deadline:  # the writer took it and waits at the gate
         time.sleep(0.01)
-    tier.put(tier_ns(), blocks[1:])  # 7 more: 2 fit in the queue
-    assert tier.counters.dropped == 5
+    tier.put(tier_ns(), blocks[1:])  # 7 more: 1 fits beside the one at the gate
+    assert tier.counters.dropped == 6
     gate.set()
     assert tier.flush(30)
-    assert tier.counters.puts == 3 and len(server.client().keys("*")) == 3
+    assert tier.counters.puts == 2 and len(server.client().keys("*")) == 2
+
+    server.client().flushall()
+    small = remote(server, max_queued_bytes=2 * blocks[0].nbytes)  # a byte bound too
+    small_gate = threading.Event()
+    small_write = small._write
+
+    def held_small_write(batch):
+        small_gate.wait(30)
+        small_write(batch)
+
+    monkeypatch.setattr(small, "_write", held_small_write)
+    small.put(tier_ns(), blocks)  # at most two blocks' bytes wait, wherever the writer is
+    assert small.counters.dropped == 6
+    small_gate.set()
+    assert small.flush(30) and small.counters.puts == 2
 
 
 def test_a_dead_server_is_a_counted_miss_with_one_warning_and_back_off_then_hits_resume(server):

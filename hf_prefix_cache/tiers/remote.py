@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..layout import LayerLayout
+from ..memory import parse_bytes
 from .base import BlockData, BlockRequest, Tier, TierCounters
 from .entry import EntryError, decode, encode
 
@@ -44,6 +45,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_KEY_PREFIX = "hfpc"
 DEFAULT_TIMEOUT_S = 0.25
 DEFAULT_MIN_TOKENS = 32
+DEFAULT_QUEUE_BYTES = "512MiB"  # CPU copies waiting for the writer: a 2000-token SmolLM2 prompt is 90 MB
 EXIT_FLUSH_S = 10.0
 FETCH_BATCH = 32  # blocks per MGET: bounds one reply (32 SmolLM2 blocks are about 23 MiB)
 WRITE_BATCH = 16  # blocks per writer round trip
@@ -59,8 +61,8 @@ class RemoteCounters(TierCounters):
     unavailable: int = 0  # lookups and writes skipped while the tier is off after a failure (back-off)
     below_threshold: int = 0  # lookups whose remote hit was shorter than min_tokens (not fetched)
     round_trips: int = 0  # lookup round trips (EXISTS pipelines and MGETs)
-    read_s: float = 0.0  # seconds spent fetching values (the achieved throughput is bytes_read / read_s)
-    write_s: float = 0.0  # seconds the writer spent sending values
+    read_s: float = 0.0  # seconds waiting for MGET replies (the achieved throughput is bytes_read / read_s)
+    write_s: float = 0.0  # seconds the writer spent checking, encoding and sending values
 
 
 def import_redis():
@@ -89,7 +91,8 @@ class RemoteTier(Tier):
         min_tokens: int = DEFAULT_MIN_TOKENS,
         ttl: float | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
-        max_queued_blocks: int = 64,
+        max_queued_blocks: int = 4096,
+        max_queued_bytes: int | str = DEFAULT_QUEUE_BYTES,
         backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
     ):
@@ -130,8 +133,11 @@ class RemoteTier(Tier):
         self._delay = backoff_s
         self._state_lock = threading.Lock()
         self._known: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()
-        self._queue: queue.Queue = queue.Queue(maxsize=max_queued_blocks)
+        self._queue: queue.Queue = queue.Queue()
+        self.max_queued_blocks = max_queued_blocks
+        self.max_queued_bytes = parse_bytes(max_queued_bytes)
         self._pending = 0
+        self._pending_bytes = 0
         self._idle = threading.Condition()
         self._writer: threading.Thread | None = None
         self._closed = False
@@ -239,6 +245,8 @@ class RemoteTier(Tier):
             return []
         finally:
             self.count(round_trips=1)
+            with self._count_lock:
+                self.counters.read_s += time.perf_counter() - started
         self._succeeded()
         blocks = []
         for key, value, request in zip(keys, values, requests):
@@ -255,8 +263,6 @@ class RemoteTier(Tier):
             self.count(bytes_read=len(value))
             self._remember(namespace, request.block_hash)
             blocks.append(block)
-        with self._count_lock:
-            self.counters.read_s += time.perf_counter() - started
         return blocks
 
     # -- writes --------------------------------------------------------------------------------------
@@ -270,12 +276,13 @@ class RemoteTier(Tier):
                 self.count(skipped=1)
                 continue
             with self._idle:
-                try:
-                    self._queue.put_nowait((namespace, block))
-                except queue.Full:
+                full = self._pending >= self.max_queued_blocks
+                if full or self._pending_bytes + block.nbytes > self.max_queued_bytes:
                     self.count(dropped=1)
                     continue
+                self._queue.put_nowait((namespace, block))
                 self._pending += 1
+                self._pending_bytes += block.nbytes
 
     def _start_writer(self) -> None:
         if self._writer is None or not self._writer.is_alive():
@@ -302,6 +309,7 @@ class RemoteTier(Tier):
             finally:
                 with self._idle:
                     self._pending -= len(batch)
+                    self._pending_bytes -= sum(block.nbytes for _, block in batch)
                     self._idle.notify_all()
             if stop:
                 return
@@ -395,10 +403,7 @@ class RemoteTier(Tier):
         self.flush(timeout)
         self._closed = True
         if self._writer is not None and self._writer.is_alive():
-            try:
-                self._queue.put_nowait(None)
-            except queue.Full:
-                return
+            self._queue.put_nowait(None)
             self._writer.join(timeout)
         self.client.close()
 
