@@ -3,11 +3,9 @@ bad values, the fetch threshold, a full write queue, and a dead, stalled or full
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -283,35 +281,34 @@ def test_behind_a_block_store_a_new_pool_hits_what_another_store_wrote(server):
     assert second.pool.num_referenced == 0
 
 
-NO_REDIS = """
-import sys
-sys.modules["redis"] = None  # as if redis-py were not installed
-sys.path.insert(0, sys.argv[1])
-import hf_prefix_cache
-from hf_prefix_cache import PrefixCache
-from tiny_models import random_ids, tiny_model
-model = tiny_model("llama")
-cache = PrefixCache(model, block_size=4, num_blocks=16)
-ids = random_ids(9, 0)
-model.generate(ids, max_new_tokens=2, do_sample=False, cache=cache)
-assert model.generate(ids, max_new_tokens=2, do_sample=False, cache=cache) is not None
-assert cache.last_call.hit_tokens == 8
-try:
-    PrefixCache(model, block_size=4, num_blocks=8, remote="redis://127.0.0.1:1/0")
-except ImportError as error:
-    print(error)
-"""
+def forget_new_modules(before: set[str]) -> None:
+    for name in [name for name in sys.modules if name.split(".")[0] == "hf_prefix_cache"]:
+        if name not in before:
+            del sys.modules[name]
 
 
-def test_without_redis_py_the_library_works_and_remote_names_the_extra():
-    out = subprocess.run(
-        [sys.executable, "-c", NO_REDIS, str(Path(__file__).parent)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "pip install hf_prefix_cache[redis]" in out.stdout
+def test_without_redis_py_the_library_imports_works_and_remote_names_the_extra(monkeypatch, request):
+    """A fresh import of the package (its modules dropped, restored afterwards) with redis-py blocked."""
+    import importlib
+
+    ours = [name for name in sys.modules if name.split(".")[0] == "hf_prefix_cache"]
+    for name in ours:
+        monkeypatch.delitem(sys.modules, name)
+    request.addfinalizer(lambda: forget_new_modules(set(ours)))
+    monkeypatch.setitem(sys.modules, "redis", None)  # as if redis-py were not installed
+    fresh = importlib.import_module("hf_prefix_cache")
+    kwarg = importlib.import_module("hf_prefix_cache.compat").CACHE_KWARG
+    from tiny_models import random_ids, tiny_model
+
+    model = tiny_model("llama")
+    cache = fresh.PrefixCache(model, block_size=4, num_blocks=16, install=False)
+    ids = random_ids(9, 0)
+    for _ in range(2):
+        cache.prepare(ids)
+        cache.commit(model.generate(ids, max_new_tokens=2, do_sample=False, **{kwarg: cache}))
+    assert cache.last_call.hit_tokens == 8
+    with pytest.raises(ImportError, match=r"pip install hf_prefix_cache\[redis\]"):
+        fresh.PrefixCache(model, block_size=4, num_blocks=8, install=False, remote="redis://127.0.0.1:1/0")
 
 
 def test_a_unix_socket_url_works(tmp_path):
