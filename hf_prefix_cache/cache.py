@@ -36,7 +36,7 @@ from .recording import record_call, replies_of
 from .stats import CacheStats, CallStats
 from .store import BlockStore
 from .support import unsupported_reason
-from .tiers.setup import make_tiers
+from .tiers.setup import make_tiers, remote_tier_options
 from .validation import extra_keys_tuple, positive_int, shared_store
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,14 @@ class PrefixCache(DynamicCache):
         host_memory: size of a host-RAM tier ("8GiB") that keeps blocks the device pool evicts.
         disk: a folder for a disk tier that survives restarts and may be shared by processes.
         disk_size: the most the disk folder may hold (least recently used entries go first).
+        remote: a Redis/Valkey URL ("redis://host:6379/0", "rediss://user:password@host", "unix:///path")
+            for a tier that processes and hosts share; needs ``pip install hf_prefix_cache[redis]``.
+        remote_min_tokens: fetch from the server only when it holds at least this many more tokens
+            of the prompt (default 32): a short remote hit costs more than recomputing it.
+        key_prefix: starts every key on the server ("hfpc"); deployments sharing one server differ here.
+        remote_ttl: seconds a block stays on the server after it was last stored (default: until the
+            server's ``maxmemory`` policy evicts it).
+        remote_timeout: the most one round trip to the server may take, connect or read (0.25 s).
     """
 
     def __init__(
@@ -114,6 +122,11 @@ class PrefixCache(DynamicCache):
         host_memory: int | str | None = None,
         disk: str | os.PathLike | None = None,
         disk_size: int | str | None = None,
+        remote: str | None = None,
+        remote_min_tokens: int | None = None,
+        key_prefix: str | None = None,
+        remote_ttl: float | None = None,
+        remote_timeout: float | None = None,
     ):
         self.model = model
         self._warned: set[str] = set()  # fallback messages already shown: each is shown once
@@ -139,13 +152,22 @@ class PrefixCache(DynamicCache):
                 self.fallback = str(error)
             else:
                 self.store = self._resolve_store(layouts, store, block_size, max_memory, num_blocks)
-                if host_memory is not None or disk is not None or disk_size is not None:
+                remote_options = remote_tier_options(
+                    remote,
+                    min_tokens=remote_min_tokens,
+                    key_prefix=key_prefix,
+                    ttl=remote_ttl,
+                    timeout=remote_timeout,
+                )
+                if host_memory is not None or disk is not None or disk_size is not None or remote is not None:
                     if store is not None:
                         raise ValueError(
-                            "tiers belong to the store: pass host_memory=/disk= to the first PrefixCache, "
-                            "and store=cache.store to the others"
+                            "tiers belong to the store: pass host_memory=/disk=/remote= to the first "
+                            "PrefixCache, and store=cache.store to the others"
                         )
-                    self.store.attach_tiers(make_tiers(layouts, host_memory, disk, disk_size))
+                    self.store.attach_tiers(
+                        make_tiers(layouts, host_memory, disk, disk_size, remote, **remote_options)
+                    )
                 layers = [
                     PrefixSlidingLayer(layout.sliding_window) if layout.sliding_window else PrefixFullLayer()
                     for layout in layouts

@@ -3,6 +3,8 @@
 # torch is pinned through constraints.txt to the CPU wheel; an open range would pull a CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The remote-tier tests start a real redis-server (Debian package); CI runs as root on a clean machine.
+command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 VENV="${HF_PREFIX_CACHE_VENV:-.venv}"
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"

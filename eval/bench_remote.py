@@ -1,0 +1,224 @@
+"""remote-warm: time to first token in a process whose only source of K/V is a Redis tier that another
+process filled, against plain generate() in the same process, interleaved (only ratios measured side by
+side mean anything on a shared machine).
+
+1. A redis-server is started on a free localhost port (``maxmemory`` + ``allkeys-lru``, no persistence),
+   unless ``--url`` names one.
+2. A filler subprocess loads SmolLM2, runs the ~2000-token prefix through a ``PrefixCache(remote=url)``
+   and exits (its queued writes are flushed at exit).
+3. This process loads the model and, per repetition (each with a new 32-token suffix), times
+   ``generate(max_new_tokens=1)``: ``no_cache``, and ``remote_warm`` with a brand-new ``PrefixCache``
+   (empty device pool: every hit comes from the server; making it is not timed).
+
+Prints the TTFT ratio (target >= 8x), the bytes per block on the server and the achieved Redis read
+throughput (bytes fetched / seconds in MGET, decode excluded). Run:
+``python -m hf_prefix_cache_eval.bench_remote --prefix-tokens 2000 --new-tokens 32``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+
+import torch
+
+from hf_prefix_cache import PrefixCache
+from hf_prefix_cache.compat import CACHE_KWARG
+
+from .bench_ttft import real_text_ids, timed
+from .models import load_model
+
+TARGET = 8.0
+MODES = ("no_cache", "remote_warm")
+
+
+@contextmanager
+def redis_server(maxmemory: str = "2gb"):
+    """A throw-away redis-server on a free localhost port; yields its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed (apt-get install redis-server), or pass --url")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    folder = tempfile.mkdtemp(prefix="bench-redis-")
+    server = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--maxmemory", maxmemory, "--maxmemory-policy", "allkeys-lru", "--dir", folder],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=port)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.exceptions.ConnectionError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise SystemExit("redis-server did not start") from None
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        server.wait(10)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def prompts_for(tokenizer, prefix_tokens: int, new_tokens: int, repeats: int) -> tuple[list[int], list]:
+    prefix = real_text_ids(tokenizer, prefix_tokens)
+    suffixes = [
+        real_text_ids(tokenizer, new_tokens, skip=prefix_tokens + i * new_tokens) for i in range(repeats + 1)
+    ]
+    return prefix, [torch.tensor([prefix + suffix]) for suffix in suffixes]
+
+
+def fill(url: str, prefix_tokens: int) -> dict:
+    """The filler process: store the prefix on the server, then report what was written."""
+    model, tokenizer = load_model("smollm2")
+    prefix = real_text_ids(tokenizer, prefix_tokens)
+    cache = PrefixCache(model, max_memory="256MiB", remote=url)
+    ids = torch.tensor([[*prefix, tokenizer.eos_token_id]])
+    model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False, **{CACHE_KWARG: cache}
+    )
+    flushed = cache.flush(120)
+    remote = cache.stats.tiers["remote"]
+    return {"flushed": flushed, **{k: remote[k] for k in ("puts", "bytes_written", "write_s", "errors")}}
+
+
+def run_benchmark(url: str, prefix_tokens: int, new_tokens: int, repeats: int, seed: int = 0) -> dict:
+    filler = subprocess.run(
+        [sys.executable, "-m", "hf_prefix_cache_eval.bench_remote", "--fill", url,
+         "--prefix-tokens", str(prefix_tokens)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )  # fmt: skip
+    if filler.returncode != 0:
+        raise SystemExit(f"the filler process failed:\n{filler.stderr[-3000:]}")
+    filled = json.loads(filler.stdout.strip().splitlines()[-1])
+
+    model, tokenizer = load_model("smollm2")
+    _, prompts = prompts_for(tokenizer, prefix_tokens, new_tokens, repeats)
+
+    def generate(ids, **kwargs):
+        return model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False, **kwargs
+        )
+
+    caches: list[PrefixCache] = []
+
+    def remote_warm(ids):
+        return generate(ids, **{CACHE_KWARG: caches[-1]})
+
+    def fresh_cache() -> None:
+        caches.clear()  # the previous pool is freed first
+        caches.append(PrefixCache(model, max_memory="256MiB", remote=url))
+
+    calls = {"no_cache": generate, "remote_warm": remote_warm}
+    fresh_cache()
+    reference = generate(prompts[0])
+    mismatches = ["remote_warm"] if not torch.equal(remote_warm(prompts[0]), reference) else []
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    hits, fetched, fetch_s, blocks = [], 0, 0.0, 0
+    order = random.Random(seed)
+    for ids in prompts[1:]:
+        modes = list(MODES)
+        order.shuffle(modes)
+        outputs = {}
+        for mode in modes:
+            if mode == "remote_warm":
+                fresh_cache()
+
+            def call(mode=mode, ids=ids, outputs=outputs):
+                outputs[mode] = calls[mode](ids)
+
+            times[mode].append(timed(call))
+            if mode == "remote_warm":
+                cache = caches[-1]
+                hits.append(dict(cache.last_call.hit_tokens_by_tier))
+                remote = cache.stats.tiers["remote"]
+                fetched += remote["bytes_read"]
+                fetch_s += remote["read_s"]
+                blocks += remote["hits"]
+        if not torch.equal(outputs["remote_warm"], outputs["no_cache"]) and not mismatches:
+            mismatches.append("remote_warm")
+    median = {mode: statistics.median(values) for mode, values in times.items()}
+    return {
+        "prompt_tokens": prefix_tokens + new_tokens,
+        "filler": filled,
+        "remote_warm_hits_by_tier": hits,
+        "median_seconds": median,
+        "seconds": times,
+        "ratio": median["no_cache"] / median["remote_warm"],
+        "bytes_per_block": fetched / blocks if blocks else 0,
+        "read_bytes_per_s": fetched / fetch_s if fetch_s else 0.0,
+        "fetch_s_per_call": fetch_s / len(hits) if hits else 0.0,
+        "write_bytes_per_s": filled["bytes_written"] / filled["write_s"] if filled["write_s"] else 0.0,
+        "mismatches": mismatches,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--prefix-tokens", type=int, default=2000, help="cached prefix length (default 2000)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="uncached tokens after it (default 32)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per mode (default 5)")
+    parser.add_argument("--url", help="an existing Redis/Valkey server (default: start a throw-away one)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--fill", metavar="URL", help=argparse.SUPPRESS)  # the filler subprocess
+    args = parser.parse_args(argv)
+    if args.fill:
+        print(json.dumps(fill(args.fill, args.prefix_tokens)), flush=True)
+        return 0
+    if args.url:
+        result = run_benchmark(args.url, args.prefix_tokens, args.new_tokens, args.repeats)
+    else:
+        with redis_server() as url:
+            result = run_benchmark(url, args.prefix_tokens, args.new_tokens, args.repeats)
+    MiB = 1024 * 1024
+    filled = result["filler"]
+    print(f"\nSmolLM2-135M-Instruct, {result['prompt_tokens']} prompt tokens, {result['threads']} threads")
+    print(
+        f"filler process: {filled['puts']} blocks, {filled['bytes_written'] / MiB:.1f} MiB written at "
+        f"{result['write_bytes_per_s'] / MiB:.0f} MiB/s, flushed={filled['flushed']}"
+    )
+    print(f"remote_warm hit tokens by tier per repetition: {result['remote_warm_hits_by_tier']}")
+    for mode in MODES:
+        runs = ", ".join(f"{t * 1000:.0f}" for t in result["seconds"][mode])
+        print(f"  {mode:11s} median TTFT {result['median_seconds'][mode] * 1000:8.1f} ms   [{runs}]")
+    ok = result["ratio"] >= TARGET
+    print(
+        f"  no_cache / remote_warm {result['ratio']:7.2f}   target >= {TARGET}   {'ok' if ok else 'MISSED'}"
+    )
+    print(
+        f"  bytes per block {result['bytes_per_block'] / 1024:.0f} KiB; Redis read throughput "
+        f"{result['read_bytes_per_s'] / MiB:.0f} MiB/s ({result['fetch_s_per_call'] * 1000:.0f} ms of "
+        f"fetching per call)"
+    )
+    print(f"  outputs different from no_cache: {result['mismatches'] or 'none'}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=2)
+    return 1 if result["mismatches"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,427 @@
+"""The remote tier: one Redis (or Valkey) server that many processes and hosts share as a prefix cache.
+
+- **Keys** are ``<key_prefix>:<namespace digest hex>:<block hash hex>`` (about 70 bytes, never Python
+  ``hash()``): the namespace digest covers model fingerprint, salt, layout, block size and format, so
+  other models, weights or tenants never meet; ``key_prefix`` separates deployments on one server.
+- **Values** are the same verified entry as the disk tier (``entry.encode``): one value per block, header
+  and payload together, so a reader sees a whole entry or none. A value that fails verification (garbage,
+  another chain's entry, a truncated write) is a miss and the key is deleted.
+- **Writes** are asynchronous write-through on a background thread fed by a bounded queue (full: the
+  write is dropped and counted). The writer asks the server which keys already exist (one pipelined
+  ``EXISTS`` per batch) and sends only the others, with an optional TTL. Run the server with
+  ``maxmemory`` and ``allkeys-lru`` so it evicts instead of refusing writes.
+- **Reads** take two round trips for the rest of a chain: pipelined ``EXISTS`` to find how many leading
+  blocks the server holds, then ``MGET`` of those (in batches). The fetch is skipped when fewer than
+  ``min_tokens`` tokens would come back: a short remote hit costs more than recomputing it.
+- **Failures** (server down, timeout, connection reset, AUTH, out of memory): every call keeps working
+  and recomputes. Each failure is counted and warned about once per kind; after a connection failure the
+  tier stays off for a back-off (``backoff_s`` doubling up to ``max_backoff_s``) and then reconnects. A
+  command waits at most ``timeout`` seconds per round trip (connect and read), so ``generate()`` never
+  hangs on a dead or stalled server.
+
+``redis`` (redis-py) is an optional dependency: ``pip install hf_prefix_cache[redis]``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import queue
+import re
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..layout import LayerLayout
+from ..memory import parse_bytes
+from .base import BlockData, BlockRequest, Tier, TierCounters
+from .entry import EntryError, decode, encode
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KEY_PREFIX = "hfpc"
+DEFAULT_TIMEOUT_S = 0.25
+DEFAULT_MIN_TOKENS = 32
+DEFAULT_QUEUE_BYTES = "512MiB"  # CPU copies waiting for the writer: a 2000-token SmolLM2 prompt is 90 MB
+EXIT_FLUSH_S = 10.0
+FETCH_BATCH = 32  # blocks per MGET: bounds one reply (32 SmolLM2 blocks are about 23 MiB)
+WRITE_BATCH = 16  # blocks per writer round trip
+KNOWN_LIMIT = 65536  # keys this process remembers as present on the server
+KEY_PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_.:/@-]{1,64}")
+INSTALL_HINT = "the remote tier needs redis-py: pip install hf_prefix_cache[redis]"
+
+
+@dataclass
+class RemoteCounters(TierCounters):
+    """The tier counters plus what only a network tier has."""
+
+    unavailable: int = 0  # lookups and writes skipped while the tier is off after a failure (back-off)
+    below_threshold: int = 0  # lookups whose remote hit was shorter than min_tokens (not fetched)
+    round_trips: int = 0  # lookup round trips (EXISTS pipelines and MGETs)
+    read_s: float = 0.0  # seconds waiting for MGET replies (the achieved throughput is bytes_read / read_s)
+    write_s: float = 0.0  # seconds the writer spent checking, encoding and sending values
+
+
+def import_redis():
+    """The ``redis`` module, or an ImportError naming the extra that installs it."""
+    try:
+        import redis
+        import redis.backoff
+        import redis.retry
+    except ImportError as error:
+        raise ImportError(INSTALL_HINT) from error
+    return redis
+
+
+class RemoteTier(Tier):
+    """Blocks on a Redis/Valkey server at ``url`` (``redis://``, ``rediss://`` for TLS,
+    ``redis://user:password@host`` for AUTH, ``unix:///path/redis.sock``)."""
+
+    name = "remote"
+
+    def __init__(
+        self,
+        url: str,
+        layouts: list[LayerLayout],
+        *,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        min_tokens: int = DEFAULT_MIN_TOKENS,
+        ttl: float | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        max_queued_blocks: int = 4096,
+        max_queued_bytes: int | str = DEFAULT_QUEUE_BYTES,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+    ):
+        super().__init__()
+        if not isinstance(key_prefix, str) or not KEY_PREFIX_PATTERN.fullmatch(key_prefix):
+            raise ValueError(
+                f"key_prefix={key_prefix!r}: use 1-64 characters of letters, digits and _.:/@- "
+                "(it starts every key, and glob characters would break clear())"
+            )
+        if min_tokens < 0:
+            raise ValueError(f"remote_min_tokens={min_tokens} must be >= 0")
+        if ttl is not None and ttl <= 0:
+            raise ValueError(f"remote_ttl={ttl} must be positive seconds (or None: no expiry)")
+        if timeout <= 0:
+            raise ValueError(f"remote_timeout={timeout} must be positive seconds")
+        redis = import_redis()
+        self.counters = RemoteCounters()
+        self.layouts = layouts
+        self.key_prefix = key_prefix
+        self.min_tokens = min_tokens
+        self.ttl_ms = None if ttl is None else max(1, int(ttl * 1000))
+        self.timeout = timeout
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._redis_errors = (redis.exceptions.RedisError, OSError)
+        self._connection_errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+        # No client-side retries: a failure is a miss now, and the back-off decides when to try again.
+        self.client = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
+            retry_on_timeout=False,
+            health_check_interval=0,
+        )
+        self.url = _redact(url)
+        self._next_try = 0.0  # monotonic time before which the tier stays off
+        self._delay = backoff_s
+        self._state_lock = threading.Lock()
+        self._known: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()
+        self._queue: queue.Queue = queue.Queue()
+        self.max_queued_blocks = max_queued_blocks
+        self.max_queued_bytes = parse_bytes(max_queued_bytes)
+        self._pending = 0
+        self._pending_bytes = 0
+        self._idle = threading.Condition()
+        self._writer: threading.Thread | None = None
+        self._closed = False
+        _LIVE.add(self)
+
+    # -- keys ----------------------------------------------------------------------------------------
+    def key(self, namespace: bytes, block_hash: bytes) -> str:
+        return f"{self.key_prefix}:{namespace.hex()}:{block_hash.hex()}"
+
+    def _remember(self, namespace: bytes, block_hash: bytes) -> None:
+        with self._state_lock:
+            self._known[(namespace, block_hash)] = None
+            self._known.move_to_end((namespace, block_hash))
+            while len(self._known) > KNOWN_LIMIT:
+                self._known.popitem(last=False)
+
+    def _forget(self, namespace: bytes, block_hash: bytes) -> None:
+        with self._state_lock:
+            self._known.pop((namespace, block_hash), None)
+
+    # -- availability --------------------------------------------------------------------------------
+    def available(self) -> bool:
+        """False while the tier is off after a connection failure (until the back-off ends)."""
+        return not self._closed and time.monotonic() >= self._next_try
+
+    def _failed(self, error: BaseException, doing: str) -> None:
+        """Count a failure; a connection failure turns the tier off for a (growing) back-off."""
+        if isinstance(error, self._connection_errors):
+            kind = "timeout" if "timeout" in type(error).__name__.lower() else "connection"
+            with self._state_lock:
+                self._next_try = time.monotonic() + self._delay
+                delay, self._delay = self._delay, min(self._delay * 2, self.max_backoff_s)
+                self._known.clear()  # it may come back empty (a restart): write blocks again then
+            self.error(kind, f"{doing} {self.url} failed ({error!r}); retrying in {delay:.1f} s")
+        else:
+            self.error("server", f"{doing} {self.url} failed ({error!r})")
+
+    def _succeeded(self) -> None:
+        if self._delay != self.backoff_s:
+            with self._state_lock:
+                self._delay = self.backoff_s
+            logger.info("hf_prefix_cache remote tier: %s reachable again", self.url)
+
+    # -- reads ---------------------------------------------------------------------------------------
+    def has(self, namespace: bytes, block_hash: bytes) -> bool:
+        """Whether this process wrote or read the block (no network: the writer asks the server itself)."""
+        with self._state_lock:
+            return (namespace, block_hash) in self._known
+
+    def contains(self, namespace: bytes, block_hashes: Sequence[bytes]) -> int:
+        """How many leading ``block_hashes`` the server holds (one pipelined round trip; 0 on failure)."""
+        if not block_hashes or not self.available():
+            return 0
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for block_hash in block_hashes:
+                    pipe.exists(self.key(namespace, block_hash))
+                present = pipe.execute()
+        except self._redis_errors as error:
+            self._failed(error, "looking up blocks on")
+            return 0
+        finally:
+            self.count(round_trips=1)
+        self._succeeded()
+        count = 0
+        for exists in present:
+            if not exists:
+                break
+            count += 1
+        return count
+
+    def get(self, namespace: bytes, requests: Sequence[BlockRequest]) -> list[BlockData]:
+        found: list[BlockData] = []
+        if not requests:
+            return found
+        if not self.available():
+            self.count(unavailable=1)
+            return found
+        leading = self.contains(namespace, [request.block_hash for request in requests])
+        if leading < len(requests):
+            self.count(misses=1)
+            self._forget(namespace, requests[leading].block_hash)
+        if leading == 0:
+            return found
+        if sum(len(request.tokens) for request in requests[:leading]) < self.min_tokens:
+            self.count(below_threshold=1)
+            return found
+        for start in range(0, leading, FETCH_BATCH):
+            batch = requests[start : min(leading, start + FETCH_BATCH)]
+            blocks = self._fetch(namespace, batch)
+            found.extend(blocks)
+            if len(blocks) < len(batch):
+                break
+        self.count(hits=len(found))
+        return found
+
+    def _fetch(self, namespace: bytes, requests: Sequence[BlockRequest]) -> list[BlockData]:
+        """The verified leading blocks of ``requests`` (one MGET), stopping at a gone or bad value."""
+        keys = [self.key(namespace, request.block_hash) for request in requests]
+        started = time.perf_counter()
+        try:
+            values = self.client.mget(keys)
+        except self._redis_errors as error:
+            self._failed(error, "fetching blocks from")
+            return []
+        finally:
+            self.count(round_trips=1)
+            with self._count_lock:
+                self.counters.read_s += time.perf_counter() - started
+        self._succeeded()
+        blocks = []
+        for key, value, request in zip(keys, values, requests):
+            if value is None:  # evicted or expired since the EXISTS
+                self._forget(namespace, request.block_hash)
+                break
+            try:
+                block = decode(value, namespace, request, self.layouts)
+            except EntryError as error:
+                self.error(error.kind, f"bad value under {key} ({error}), deleted")
+                self._forget(namespace, request.block_hash)
+                self._delete_key(key)
+                break
+            self.count(bytes_read=len(value))
+            self._remember(namespace, request.block_hash)
+            blocks.append(block)
+        return blocks
+
+    # -- writes --------------------------------------------------------------------------------------
+    def put(self, namespace: bytes, blocks: Sequence[BlockData]) -> None:
+        if not self.available():
+            self.count(dropped=len(blocks), unavailable=1 if blocks else 0)
+            return
+        self._start_writer()
+        for block in blocks:
+            if self.has(namespace, block.block_hash):
+                self.count(skipped=1)
+                continue
+            with self._idle:
+                full = self._pending >= self.max_queued_blocks
+                if full or self._pending_bytes + block.nbytes > self.max_queued_bytes:
+                    self.count(dropped=1)
+                    continue
+                self._queue.put_nowait((namespace, block))
+                self._pending += 1
+                self._pending_bytes += block.nbytes
+
+    def _start_writer(self) -> None:
+        if self._writer is None or not self._writer.is_alive():
+            self._writer = threading.Thread(
+                target=self._write_loop, name="hf_prefix_cache-remote", daemon=True
+            )
+            self._writer.start()
+
+    def _write_loop(self) -> None:
+        while True:
+            items = [self._queue.get()]
+            while len(items) < WRITE_BATCH:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in items
+            batch = [item for item in items if item is not None]
+            try:
+                if batch:
+                    self._write(batch)
+            except BaseException as error:  # the writer must never die silently
+                self.error("writer", f"write failed ({error!r})")
+            finally:
+                with self._idle:
+                    self._pending -= len(batch)
+                    self._pending_bytes -= sum(block.nbytes for _, block in batch)
+                    self._idle.notify_all()
+            if stop:
+                return
+
+    def _write(self, batch: list[tuple[bytes, BlockData]]) -> None:
+        """Send the blocks of ``batch`` the server does not hold yet: EXISTS pipeline, then SET pipeline."""
+        if not self.available():
+            self.count(dropped=len(batch), unavailable=1)
+            return
+        keys = [self.key(namespace, block.block_hash) for namespace, block in batch]
+        started = time.perf_counter()
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.exists(key)
+                present = pipe.execute()
+            sizes = []
+            with self.client.pipeline(transaction=False) as pipe:
+                for key, (namespace, block), exists in zip(keys, batch, present):
+                    if exists:
+                        if self.ttl_ms is not None:
+                            pipe.pexpire(key, self.ttl_ms)  # still in use: keep it as long as a new one
+                        continue
+                    value = encode(namespace, block)
+                    sizes.append(len(value))
+                    pipe.set(key, value, px=self.ttl_ms)
+                if len(pipe):
+                    pipe.execute()
+        except self._redis_errors as error:
+            self._failed(error, "storing blocks on")
+            self.count(dropped=len(batch))
+            return
+        self._succeeded()
+        for namespace, block in batch:
+            self._remember(namespace, block.block_hash)
+        skipped = sum(1 for exists in present if exists)
+        self.count(puts=len(sizes), skipped=skipped, bytes_written=sum(sizes))
+        with self._count_lock:
+            self.counters.write_s += time.perf_counter() - started
+
+    # -- maintenance ---------------------------------------------------------------------------------
+    def _delete_key(self, key: str) -> None:
+        try:
+            self.client.delete(key)
+        except self._redis_errors as error:
+            self._failed(error, "deleting a bad value on")
+
+    def delete(self, namespace: bytes, block_hash: bytes) -> None:
+        self._forget(namespace, block_hash)
+        if self.available():
+            self._delete_key(self.key(namespace, block_hash))
+
+    def clear(self, namespace: bytes | None = None) -> int:
+        """Delete this ``key_prefix``'s keys of ``namespace`` (all namespaces with None) on the server,
+        after queued writes land. Other processes sharing the server lose them too."""
+        self.flush(EXIT_FLUSH_S)
+        with self._state_lock:
+            self._known = OrderedDict(
+                (key, None) for key in self._known if namespace is not None and key[0] != namespace
+            )
+        pattern = f"{self.key_prefix}:{namespace.hex() if namespace is not None else '*'}:*"
+        removed = 0
+        try:
+            batch = []
+            for key in self.client.scan_iter(match=pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    removed += self.client.delete(*batch)
+                    batch = []
+            if batch:
+                removed += self.client.delete(*batch)
+        except self._redis_errors as error:
+            self._failed(error, "clearing keys on")
+        return removed
+
+    def flush(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._idle:
+            while self._pending > 0:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                if self._writer is None or not self._writer.is_alive():
+                    self._start_writer()
+                self._idle.wait(timeout=left if left is not None else 1.0)
+        return True
+
+    def close(self, timeout: float = EXIT_FLUSH_S) -> None:
+        if self._closed:
+            return
+        self.flush(timeout)
+        self._closed = True
+        if self._writer is not None and self._writer.is_alive():
+            self._queue.put_nowait(None)
+            self._writer.join(timeout)
+        self.client.close()
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
+
+
+_LIVE: weakref.WeakSet[RemoteTier] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    """Let queued writes land before the interpreter exits, waiting at most ``EXIT_FLUSH_S`` in all."""
+    deadline = time.monotonic() + EXIT_FLUSH_S
+    for tier in list(_LIVE):
+        left = deadline - time.monotonic()
+        if left <= 0 or not tier.flush(left):
+            logger.warning("hf_prefix_cache remote tier: exit flush timed out; some blocks were not sent")
+            break
