@@ -223,6 +223,156 @@ def weights_watch_blind() -> None:
     WeightsWatch.changed = first_time_only
 
 
+# -- issue 12: the store defends itself ---------------------------------------------------------------
+def busy_view_not_refused() -> None:
+    """A second thread may take over a PrefixCache whose call is in flight."""
+    import threading
+
+    from hf_prefix_cache import PrefixCache
+
+    def claim(self):
+        self._owner = threading.get_ident()
+
+    PrefixCache._claim = claim
+
+
+def extend_chain_releases_held() -> None:
+    """A failure while storing also releases the prefix the caller still holds (released twice)."""
+    from hf_prefix_cache import BlockStore
+
+    extend_chain = BlockStore.extend_chain
+
+    def releases_held(self, namespace, tokens, hashes, held, *args, **kwargs):
+        try:
+            return extend_chain(self, namespace, tokens, hashes, held, *args, **kwargs)
+        except BaseException:
+            self.pool.release(held)
+            raise
+
+    BlockStore.extend_chain = releases_held
+
+
+def use_cache_false_served() -> None:
+    """generate(use_cache=False, cache=...) is prepared and committed as a normal call."""
+
+    def make(reason):
+        def ignores_use_cache(cache, config, *args, **kwargs):
+            config = copy.deepcopy(config)
+            config.use_cache = True
+            return reason(cache, config, *args, **kwargs)
+
+        return ignores_use_cache
+
+    replace_function("hf_prefix_cache.hook", "_call_fallback_reason", make)
+
+
+def unprepared_generate_served() -> None:
+    """A generate() that never went through prepare() (after uninstall) computes into the cache."""
+    replace_function("hf_prefix_cache.cache", "_inside_generate", lambda original: lambda: False)
+
+
+def foreign_module_accepted() -> None:
+    """K/V computed by another model's layers are accepted into this cache."""
+    from hf_prefix_cache import PrefixCache
+
+    PrefixCache._check_module = lambda self, module: None
+
+
+def adapters_ignored() -> None:
+    """The namespace ignores which PEFT adapters are active."""
+    replace_function("hf_prefix_cache.adapters", "adapter_namespace", lambda original: lambda model: "")
+
+
+def custom_generate_served() -> None:
+    """A callable custom_generate (its own decoding loop) is served from the store."""
+
+    def make(reason):
+        def ignores_custom(cache, config, input_ids, kwargs):
+            return reason(
+                cache, config, input_ids, {k: v for k, v in kwargs.items() if k != "custom_generate"}
+            )
+
+        return ignores_custom
+
+    replace_function("hf_prefix_cache.hook", "_call_fallback_reason", make)
+
+
+# -- issue 9 and 10: tiers -------------------------------------------------------------------------------
+def entry_checksum_blind() -> None:
+    """Entries carry a constant checksum: damaged payloads decode."""
+    replace_function(
+        "hf_prefix_cache.tiers.entry", "_checksum", lambda original: lambda parts: bytes(range(16))
+    )
+
+
+def host_write_back_off() -> None:
+    """Blocks the device pool evicts are lost instead of kept in the host tier."""
+    from hf_prefix_cache.tiers.stack import TierStack
+
+    TierStack.evicting = lambda self, block: None
+
+
+def disk_writes_in_place() -> None:
+    """The disk tier writes each entry straight to its final path (no temp file, no os.replace)."""
+    import errno
+
+    from hf_prefix_cache.tiers import disk
+
+    def in_place(self, namespace, block):
+        path = self.path(namespace, block.block_hash)
+        data = disk.encode(namespace, block)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            disk.write_file(path, data, self.fsync)
+        except OSError as error:
+            self.error("disk full" if error.errno == errno.ENOSPC else "read-only", str(error))
+            return
+        self._known.add((namespace, block.block_hash))
+        self.count(puts=1, bytes_written=len(data))
+
+    disk.DiskTier._write = in_place
+
+
+def remote_bad_values_kept() -> None:
+    """A value that fails verification stays on the server."""
+    from hf_prefix_cache.tiers.remote import RemoteTier
+
+    RemoteTier._delete_key = lambda self, key: None
+
+
+def remote_key_ignores_prefix() -> None:
+    """Deployments with different key_prefix share keys."""
+    from hf_prefix_cache.tiers.remote import RemoteTier
+
+    RemoteTier.key = lambda self, namespace, block_hash: f"{namespace.hex()}:{block_hash.hex()}"
+
+
+# -- issue 11: memory on demand, decode in place ---------------------------------------------------------
+def pool_zero_filled() -> None:
+    """The pool zero-fills its whole budget up front."""
+    from hf_prefix_cache.kv_pool import KVPool
+
+    empty = KVPool._empty
+
+    def zeros(self, *args, **kwargs):
+        return empty(self, *args, **kwargs).zero_()
+
+    KVPool._empty = zeros
+
+
+def decode_concatenates() -> None:
+    """Full-attention layers concatenate the whole context at every step, as DynamicLayer does."""
+    from transformers.cache_utils import DynamicLayer
+
+    from hf_prefix_cache.layers import PrefixFullLayer
+
+    def concatenating(self, key_states, value_states, *args, **kwargs):
+        self.keys, self.values = self.keys.clone(), self.values.clone()
+        return DynamicLayer.update(self, key_states, value_states, *args, **kwargs)
+
+    PrefixFullLayer.update = concatenating
+
+
 CORE = "tests/test_core_exactness.py"
 API = "tests/test_core_api.py"
 BATCHES = "tests/test_batches_strategies.py"
@@ -310,6 +460,100 @@ MUTANTS: list[Mutant] = [
         "a weight update invalidates stored blocks",
         weights_watch_blind,
         (f"{API}::test_a_weight_update_invalidates_stored_blocks",),
+    ),
+    Mutant(
+        "busy_view_not_refused",
+        "one PrefixCache serves one call at a time",
+        busy_view_not_refused,
+        ("tests/test_misuse.py::test_case1_a_second_thread_on_a_busy_cache_gets_the_fix",),
+    ),
+    Mutant(
+        "extend_chain_releases_held",
+        "references are released exactly once, whatever raises",
+        extend_chain_releases_held,
+        (
+            "tests/test_misuse.py::test_case4_interrupt_in_commit_keeps_other_references_and_surfaces[KeyboardInterrupt]",
+            "tests/test_misuse.py::test_case4_interrupt_in_commit_keeps_other_references_and_surfaces[RuntimeError]",
+        ),
+    ),
+    Mutant(
+        "use_cache_false_served",
+        "use_cache=False falls back and stores nothing",
+        use_cache_false_served,
+        ("tests/test_misuse.py::test_case3_use_cache_false_falls_back_exactly_and_stores_nothing",),
+    ),
+    Mutant(
+        "unprepared_generate_served",
+        "state never carries from one generate() into the next",
+        unprepared_generate_served,
+        ("tests/test_misuse.py::test_case5_unwrapped_generate_is_refused_and_carries_nothing",),
+    ),
+    Mutant(
+        "foreign_module_accepted",
+        "only the fingerprinted model computes K/V into the cache",
+        foreign_module_accepted,
+        ("tests/test_misuse.py::test_case2_without_the_wrapper_kv_of_another_model_are_refused",),
+    ),
+    Mutant(
+        "adapters_ignored",
+        "PEFT adapters are part of the namespace",
+        adapters_ignored,
+        ("tests/test_peft.py::test_switching_adapters_is_exact_and_hits_stay_within_an_adapter[peft_model]",),
+    ),
+    Mutant(
+        "custom_generate_served",
+        "a custom decoding loop falls back",
+        custom_generate_served,
+        (f"{FALLBACKS}::test_a_custom_decoding_loop_falls_back_even_in_greedy_mode",),
+    ),
+    Mutant(
+        "entry_checksum_blind",
+        "tier entries are verified by their checksum",
+        entry_checksum_blind,
+        (
+            "tests/test_tier_entry.py::test_damaged_bytes_are_rejected[flip_payload-checksum]",
+            "tests/test_tier_entry.py::test_damaged_bytes_are_rejected[flip_token-checksum]",
+        ),
+    ),
+    Mutant(
+        "host_write_back_off",
+        "device evictions are written back to the host tier",
+        host_write_back_off,
+        ("tests/test_tiers_store.py::test_device_evictions_are_written_back_to_host_and_promoted_exactly",),
+    ),
+    Mutant(
+        "disk_writes_in_place",
+        "disk entries appear whole (temp file, then os.replace)",
+        disk_writes_in_place,
+        ("tests/test_tiers_store.py::test_write_failures_are_counted_and_leave_no_entry[28-disk full]",),
+    ),
+    Mutant(
+        "remote_bad_values_kept",
+        "a bad value on the server is a miss and its key is deleted",
+        remote_bad_values_kept,
+        (
+            "tests/test_tier_remote_store.py::test_a_bad_value_under_a_real_key_is_a_miss_and_the_key_is_deleted[garbage]",
+        ),
+    ),
+    Mutant(
+        "remote_key_ignores_prefix",
+        "key_prefix keeps deployments apart on one server",
+        remote_key_ignores_prefix,
+        (
+            "tests/test_tier_remote_store.py::test_key_prefix_and_namespace_keep_deployments_apart_and_clear_removes_only_its_own",
+        ),
+    ),
+    Mutant(
+        "pool_zero_filled",
+        "pool memory is committed as blocks are stored, not up front",
+        pool_zero_filled,
+        ("tests/test_on_demand.py::test_resident_memory_follows_stored_blocks_not_the_budget",),
+    ),
+    Mutant(
+        "decode_concatenates",
+        "decode steps append in place without copying the context",
+        decode_concatenates,
+        ("tests/test_on_demand.py::test_decode_steps_append_in_place_without_copying_the_context[llama]",),
     ),
 ]
 
