@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
-import resource
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,39 +14,68 @@ from exact import assert_same_output, greedy
 from tiny_models import random_ids, tiny_model
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from hf_prefix_cache import BlockStore, PrefixCache
+from hf_prefix_cache import PrefixCache
 from hf_prefix_cache.compat import CACHE_KWARG
-from hf_prefix_cache.layout import LayerLayout
 from hf_prefix_cache.memory import parse_bytes
 
-BIG_LAYOUT = [LayerLayout(8, 128, torch.float32, torch.device("cpu")) for _ in range(4)]  # 512 KiB a block
 MiB = 2**20
 
 
-def resident_bytes() -> int:
+# Run in a fresh interpreter: in a long test process the allocator may place the pool in pages that
+# earlier tests already made resident, and then resident memory no longer shows what the pool commits.
+MEASURE = """
+import json, os, resource, sys
+import torch
+if os.environ.get("HF_PREFIX_CACHE_MUTANT"):  # tests/test_mutants.py: the mutant applies here too
+    sys.path.insert(0, sys.argv[2])
+    from mutants.catalog import by_name
+    by_name(os.environ["HF_PREFIX_CACHE_MUTANT"]).patch()
+from hf_prefix_cache import BlockStore
+from hf_prefix_cache.layout import LayerLayout
+
+def resident_bytes():
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * resource.getpagesize()
+
+layouts = [LayerLayout(8, 128, torch.float32, torch.device("cpu")) for _ in range(4)]  # 512 KiB a block
+source = [torch.randn(8, 100 * 16, 128) for _ in layouts]  # made before the baseline is read
+before = resident_bytes()
+store = BlockStore.sized(layouts, block_size=16, max_memory=sys.argv[1])
+after_construction = resident_bytes()
+committed_at_construction = store.committed_bytes
+for layer, values in enumerate(source):
+    store.kv.write(layer, list(range(100)), values, values)
+after_fill = resident_bytes()
+keys, _ = store.kv.read(3, [0, 99])
+print(json.dumps(dict(
+    block_bytes=sum(layout.block_bytes(16) for layout in layouts),
+    capacity=store.capacity_bytes,
+    committed_at_construction=committed_at_construction,
+    committed_after_fill=store.committed_bytes,
+    construction=after_construction - before,
+    fill=after_fill - after_construction,
+    read_back=bool(torch.equal(keys[:, 16:], source[3][:, 99 * 16 :])),
+)))
+"""
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads resident memory from /proc (Linux)")
 def test_resident_memory_follows_stored_blocks_not_the_budget():
-    block_bytes = sum(layout.block_bytes(16) for layout in BIG_LAYOUT)
-    source = [torch.randn(8, 100 * 16, 128) for _ in BIG_LAYOUT]  # made before the baseline is read
-    before = resident_bytes()
-    store = BlockStore.sized(BIG_LAYOUT, block_size=16, max_memory="2GiB")
-    after_construction = resident_bytes()
-    assert store.capacity_bytes > parse_bytes("1.9GiB")
-    assert store.committed_bytes == 0
-    assert after_construction - before < 32 * MiB  # a zero-filled pool would be resident: 2 GiB
-
-    for layer, values in enumerate(source):
-        store.kv.write(layer, list(range(100)), values, values)
-    after_fill = resident_bytes()
-    assert store.committed_bytes == 100 * block_bytes
-    grown = after_fill - after_construction
-    assert 0.9 * 100 * block_bytes <= grown <= 100 * block_bytes + 32 * MiB
-    keys, _ = store.kv.read(3, [0, 99])
-    assert torch.equal(keys[:, 16:], source[3][:, 99 * 16 :])
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, "2GiB", os.path.dirname(__file__)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    m = json.loads(done.stdout.strip().splitlines()[-1])
+    block_bytes = m["block_bytes"]
+    assert m["capacity"] > parse_bytes("1.9GiB")
+    assert m["committed_at_construction"] == 0
+    assert m["construction"] < 32 * MiB  # a zero-filled pool would be resident: 2 GiB
+    assert m["committed_after_fill"] == 100 * block_bytes
+    assert 0.9 * 100 * block_bytes <= m["fill"] <= 100 * block_bytes + 32 * MiB, m
+    assert m["read_back"]
 
 
 class KeyPointers(StoppingCriteria):
