@@ -154,7 +154,9 @@ def test_a_full_write_queue_drops_and_counts_instead_of_waiting(server, monkeypa
     _, blocks = synthetic_chain(list(range(100, 100 + 8 * BLOCK)))
     tier.put(tier_ns(), blocks[:1])
     deadline = time.monotonic() + 10
-    while tier._queue.qsize() and time.monotonic() < deadline:  # the writer took it and waits at the gate
+    while (
+        tier.writer.queue.qsize() and time.monotonic() < deadline
+    ):  # the writer took it and waits at the gate
         time.sleep(0.01)
     tier.put(tier_ns(), blocks[1:])  # 7 more: 1 fits beside the one at the gate
     assert tier.counters.dropped == 6

@@ -23,7 +23,6 @@ import contextlib
 import errno
 import logging
 import os
-import queue
 import threading
 import time
 import weakref
@@ -34,6 +33,7 @@ from ..layout import LayerLayout
 from ..memory import parse_bytes
 from .base import BlockData, BlockRequest, Tier
 from .entry import EntryError, decode, encode
+from .writer import BackgroundWriter
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +72,12 @@ class DiskTier(Tier):
         self.layouts = layouts
         self.size = parse_bytes(size if size is not None else DEFAULT_DISK_SIZE)
         self.fsync = fsync
-        self._queue: queue.Queue = queue.Queue(maxsize=max_queued_blocks)
-        self._pending = 0
-        self._idle = threading.Condition()
-        self._writer: threading.Thread | None = None
+        self.writer = BackgroundWriter(
+            lambda batch: [self._write(*item) for item in batch],
+            lambda error: self.error("writer", f"write failed ({error!r})"),
+            name="hf_prefix_cache-disk",
+            max_items=max_queued_blocks,
+        )
         self._known: set[tuple[bytes, bytes]] = set()  # entries this process wrote or read
         self._used: int | None = None  # estimated bytes in the folder; None until the first scan
         self._writes_since_scan = 0
@@ -144,38 +146,11 @@ class DiskTier(Tier):
         if not self.usable or self._closed:
             self.count(dropped=len(blocks))
             return
-        self._start_writer()
         for block in blocks:
             if (namespace, block.block_hash) in self._known:
                 self.count(skipped=1)
-                continue
-            with self._idle:
-                try:
-                    self._queue.put_nowait((namespace, block))
-                except queue.Full:
-                    self.count(dropped=1)
-                    continue
-                self._pending += 1
-
-    def _start_writer(self) -> None:
-        if self._writer is None or not self._writer.is_alive():
-            self._writer = threading.Thread(target=self._write_loop, name="hf_prefix_cache-disk", daemon=True)
-            self._writer.start()
-
-    def _write_loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            try:
-                if item is None:
-                    return
-                self._write(*item)
-            except BaseException as error:  # the writer must never die silently
-                self.error("writer", f"write failed ({error!r})")
-            finally:
-                with self._idle:
-                    if item is not None:
-                        self._pending -= 1
-                    self._idle.notify_all()
+            elif not self.writer.submit((namespace, block)):
+                self.count(dropped=1)
 
     def _write(self, namespace: bytes, block: BlockData) -> None:
         path = self.path(namespace, block.block_hash)
@@ -278,28 +253,13 @@ class DiskTier(Tier):
         return removed
 
     def flush(self, timeout: float | None = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._idle:
-            while self._pending > 0:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                if self._writer is None or not self._writer.is_alive():
-                    self._start_writer()
-                self._idle.wait(timeout=left if left is not None else 1.0)
-        return True
+        return self.writer.flush(timeout)
 
     def close(self, timeout: float = EXIT_FLUSH_S) -> None:
         if self._closed:
             return
-        self.flush(timeout)
+        self.writer.close(timeout)
         self._closed = True
-        if self._writer is not None and self._writer.is_alive():
-            try:
-                self._queue.put_nowait(None)
-            except queue.Full:
-                return
-            self._writer.join(timeout)
 
 
 _LIVE: weakref.WeakSet[DiskTier] = weakref.WeakSet()

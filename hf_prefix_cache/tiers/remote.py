@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import queue
 import re
 import threading
 import time
@@ -39,6 +38,7 @@ from ..layout import LayerLayout
 from ..memory import parse_bytes
 from .base import BlockData, BlockRequest, Tier, TierCounters
 from .entry import EntryError, decode, encode
+from .writer import BackgroundWriter
 
 logger = logging.getLogger(__name__)
 
@@ -133,13 +133,14 @@ class RemoteTier(Tier):
         self._delay = backoff_s
         self._state_lock = threading.Lock()
         self._known: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()
-        self._queue: queue.Queue = queue.Queue()
-        self.max_queued_blocks = max_queued_blocks
-        self.max_queued_bytes = parse_bytes(max_queued_bytes)
-        self._pending = 0
-        self._pending_bytes = 0
-        self._idle = threading.Condition()
-        self._writer: threading.Thread | None = None
+        self.writer = BackgroundWriter(
+            lambda batch: self._write(batch),
+            lambda error: self.error("writer", f"write failed ({error!r})"),
+            name="hf_prefix_cache-remote",
+            max_items=max_queued_blocks,
+            max_bytes=parse_bytes(max_queued_bytes),
+            batch=WRITE_BATCH,
+        )
         self._closed = False
         _LIVE.add(self)
 
@@ -270,49 +271,11 @@ class RemoteTier(Tier):
         if not self.available():
             self.count(dropped=len(blocks), unavailable=1 if blocks else 0)
             return
-        self._start_writer()
         for block in blocks:
             if self.has(namespace, block.block_hash):
                 self.count(skipped=1)
-                continue
-            with self._idle:
-                full = self._pending >= self.max_queued_blocks
-                if full or self._pending_bytes + block.nbytes > self.max_queued_bytes:
-                    self.count(dropped=1)
-                    continue
-                self._queue.put_nowait((namespace, block))
-                self._pending += 1
-                self._pending_bytes += block.nbytes
-
-    def _start_writer(self) -> None:
-        if self._writer is None or not self._writer.is_alive():
-            self._writer = threading.Thread(
-                target=self._write_loop, name="hf_prefix_cache-remote", daemon=True
-            )
-            self._writer.start()
-
-    def _write_loop(self) -> None:
-        while True:
-            items = [self._queue.get()]
-            while len(items) < WRITE_BATCH:
-                try:
-                    items.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            stop = None in items
-            batch = [item for item in items if item is not None]
-            try:
-                if batch:
-                    self._write(batch)
-            except BaseException as error:  # the writer must never die silently
-                self.error("writer", f"write failed ({error!r})")
-            finally:
-                with self._idle:
-                    self._pending -= len(batch)
-                    self._pending_bytes -= sum(block.nbytes for _, block in batch)
-                    self._idle.notify_all()
-            if stop:
-                return
+            elif not self.writer.submit((namespace, block), block.nbytes):
+                self.count(dropped=1)
 
     def _write(self, batch: list[tuple[bytes, BlockData]]) -> None:
         """Send the blocks of ``batch`` the server does not hold yet: EXISTS pipeline, then SET pipeline."""
@@ -386,25 +349,13 @@ class RemoteTier(Tier):
         return removed
 
     def flush(self, timeout: float | None = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._idle:
-            while self._pending > 0:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                if self._writer is None or not self._writer.is_alive():
-                    self._start_writer()
-                self._idle.wait(timeout=left if left is not None else 1.0)
-        return True
+        return self.writer.flush(timeout)
 
     def close(self, timeout: float = EXIT_FLUSH_S) -> None:
         if self._closed:
             return
-        self.flush(timeout)
+        self.writer.close(timeout)
         self._closed = True
-        if self._writer is not None and self._writer.is_alive():
-            self._queue.put_nowait(None)
-            self._writer.join(timeout)
         self.client.close()
 
 

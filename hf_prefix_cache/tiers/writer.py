@@ -1,0 +1,98 @@
+"""A tier's background writer: a bounded queue drained by one daemon thread, so ``put()`` never waits.
+
+The disk and remote tiers write through it. What is queued or being written counts against the bounds
+(items, and bytes where given); past them ``submit`` says no and the tier counts a drop. ``flush`` waits
+until everything submitted was written (or failed), restarting a writer thread that died.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+class BackgroundWriter:
+    def __init__(
+        self,
+        write: Callable[[list[Any]], None],
+        on_error: Callable[[BaseException], None],
+        *,
+        name: str,
+        max_items: int,
+        max_bytes: int | None = None,
+        batch: int = 1,
+    ):
+        self._write, self._on_error = write, on_error
+        self.name, self.max_items, self.max_bytes, self.batch = name, max_items, max_bytes, batch
+        self.queue: queue.Queue = queue.Queue()
+        self.pending = 0  # submitted and not yet written (queued or in the writer's hands)
+        self.pending_bytes = 0
+        self._idle = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self.closed = False
+
+    def submit(self, item: Any, nbytes: int = 0) -> bool:
+        """Queue ``item`` for writing; False (nothing queued) when the bounds are reached."""
+        self._start()
+        with self._idle:
+            over_bytes = self.max_bytes is not None and self.pending_bytes + nbytes > self.max_bytes
+            if self.pending >= self.max_items or over_bytes:
+                return False
+            self.queue.put_nowait((item, nbytes))
+            self.pending += 1
+            self.pending_bytes += nbytes
+        return True
+
+    def _start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            entries = [self.queue.get()]
+            while len(entries) < self.batch:
+                try:
+                    entries.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in entries
+            batch = [entry for entry in entries if entry is not None]
+            try:
+                if batch:
+                    self._write([item for item, _ in batch])
+            except BaseException as error:  # the writer must never die silently
+                self._on_error(error)
+            finally:
+                with self._idle:
+                    self.pending -= len(batch)
+                    self.pending_bytes -= sum(nbytes for _, nbytes in batch)
+                    self._idle.notify_all()
+            if stop:
+                return
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything submitted is written; False if ``timeout`` seconds pass first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._idle:
+            while self.pending > 0:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                if self._thread is None or not self._thread.is_alive():
+                    self._start()
+                self._idle.wait(timeout=left if left is not None else 1.0)
+        return True
+
+    def close(self, timeout: float) -> None:
+        """Flush (at most ``timeout`` seconds), then stop the thread."""
+        if self.closed:
+            return
+        self.flush(timeout)
+        self.closed = True
+        if self._thread is not None and self._thread.is_alive():
+            self.queue.put_nowait(None)
+            self._thread.join(timeout)
