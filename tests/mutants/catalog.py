@@ -333,6 +333,13 @@ def disk_writes_in_place() -> None:
     disk.DiskTier._write = in_place
 
 
+def write_queue_unbounded() -> None:
+    """The background writer queues everything: a slow disk or server grows memory without bound."""
+    from hf_prefix_cache.tiers.writer import BackgroundWriter
+
+    BackgroundWriter.max_items = property(lambda self: 1 << 60, lambda self, value: None)
+
+
 def remote_bad_values_kept() -> None:
     """A value that fails verification stays on the server."""
     from hf_prefix_cache.tiers.remote import RemoteTier
@@ -526,6 +533,15 @@ MUTANTS: list[Mutant] = [
         "disk entries appear whole (temp file, then os.replace)",
         disk_writes_in_place,
         ("tests/test_tiers_store.py::test_write_failures_are_counted_and_leave_no_entry[28-disk full]",),
+    ),
+    Mutant(
+        "write_queue_unbounded",
+        "tier writes are dropped and counted when the queue is full, never queued without bound",
+        write_queue_unbounded,
+        (
+            "tests/test_tiers_store.py::test_a_full_write_queue_drops_and_counts_without_blocking",
+            "tests/test_tier_remote_store.py::test_a_full_write_queue_drops_and_counts_instead_of_waiting",
+        ),
     ),
     Mutant(
         "remote_bad_values_kept",
