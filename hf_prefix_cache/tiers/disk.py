@@ -18,14 +18,12 @@ shared by several processes at once.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import errno
 import logging
 import os
 import threading
 import time
-import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,14 +31,13 @@ from ..layout import LayerLayout
 from ..memory import parse_bytes
 from .base import BlockData, BlockRequest, Tier
 from .entry import EntryError, decode, encode
-from .writer import BackgroundWriter
+from .writer import EXIT_FLUSH_S, BackgroundWriter
 
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".kvb"
 TEMP_SUFFIX = ".tmp"
 DEFAULT_DISK_SIZE = "16GiB"
-EXIT_FLUSH_S = 10.0
 RESCAN_EVERY = 32
 STALE_TEMP_S = 600.0  # a temp file this old belongs to a writer that died
 LOW_WATER = 0.9  # an eviction sweep deletes down to this fraction of the limit
@@ -83,7 +80,6 @@ class DiskTier(Tier):
         self._writes_since_scan = 0
         self._closed = False
         self.usable = self._make_folder()
-        _LIVE.add(self)
 
     def _make_folder(self) -> bool:
         try:
@@ -260,17 +256,3 @@ class DiskTier(Tier):
             return
         self.writer.close(timeout)
         self._closed = True
-
-
-_LIVE: weakref.WeakSet[DiskTier] = weakref.WeakSet()
-
-
-@atexit.register
-def _flush_at_exit() -> None:
-    """Let queued writes land before the interpreter exits, waiting at most ``EXIT_FLUSH_S`` in all."""
-    deadline = time.monotonic() + EXIT_FLUSH_S
-    for tier in list(_LIVE):
-        left = deadline - time.monotonic()
-        if left <= 0 or not tier.flush(left):
-            logger.warning("hf_prefix_cache disk tier: exit flush timed out; some blocks were not written")
-            break

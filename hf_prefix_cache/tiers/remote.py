@@ -24,12 +24,10 @@
 
 from __future__ import annotations
 
-import atexit
 import logging
 import re
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,7 +36,7 @@ from ..layout import LayerLayout
 from ..memory import parse_bytes
 from .base import BlockData, BlockRequest, Tier, TierCounters
 from .entry import EntryError, decode, encode
-from .writer import BackgroundWriter
+from .writer import EXIT_FLUSH_S, BackgroundWriter
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +44,6 @@ DEFAULT_KEY_PREFIX = "hfpc"
 DEFAULT_TIMEOUT_S = 0.25
 DEFAULT_MIN_TOKENS = 32
 DEFAULT_QUEUE_BYTES = "512MiB"  # CPU copies waiting for the writer: a 2000-token SmolLM2 prompt is 90 MB
-EXIT_FLUSH_S = 10.0
 FETCH_BATCH = 32  # blocks per MGET: bounds one reply (32 SmolLM2 blocks are about 23 MiB)
 WRITE_BATCH = 16  # blocks per writer round trip
 KNOWN_LIMIT = 65536  # keys this process remembers as present on the server
@@ -142,7 +139,6 @@ class RemoteTier(Tier):
             batch=WRITE_BATCH,
         )
         self._closed = False
-        _LIVE.add(self)
 
     # -- keys ----------------------------------------------------------------------------------------
     def key(self, namespace: bytes, block_hash: bytes) -> str:
@@ -362,17 +358,3 @@ class RemoteTier(Tier):
 def _redact(url: str) -> str:
     """The URL without its password, for messages."""
     return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
-
-
-_LIVE: weakref.WeakSet[RemoteTier] = weakref.WeakSet()
-
-
-@atexit.register
-def _flush_at_exit() -> None:
-    """Let queued writes land before the interpreter exits, waiting at most ``EXIT_FLUSH_S`` in all."""
-    deadline = time.monotonic() + EXIT_FLUSH_S
-    for tier in list(_LIVE):
-        left = deadline - time.monotonic()
-        if left <= 0 or not tier.flush(left):
-            logger.warning("hf_prefix_cache remote tier: exit flush timed out; some blocks were not sent")
-            break

@@ -2,16 +2,24 @@
 
 The disk and remote tiers write through it. What is queued or being written counts against the bounds
 (items, and bytes where given); past them ``submit`` says no and the tier counts a drop. ``flush`` waits
-until everything submitted was written (or failed), restarting a writer thread that died.
+until everything submitted was written (or failed), restarting a writer thread that died. At
+interpreter exit every live writer is flushed, waiting at most ``EXIT_FLUSH_S`` in all.
 """
 
 from __future__ import annotations
 
+import atexit
+import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
+
+logger = logging.getLogger(__name__)
+
+EXIT_FLUSH_S = 10.0  # the most interpreter exit waits for queued writes, all writers together
 
 
 class BackgroundWriter:
@@ -33,6 +41,7 @@ class BackgroundWriter:
         self._idle = threading.Condition()
         self._thread: threading.Thread | None = None
         self.closed = False
+        _LIVE.add(self)
 
     def submit(self, item: Any, nbytes: int = 0) -> bool:
         """Queue ``item`` for writing; False (nothing queued) when the bounds are reached."""
@@ -96,3 +105,17 @@ class BackgroundWriter:
         if self._thread is not None and self._thread.is_alive():
             self.queue.put_nowait(None)
             self._thread.join(timeout)
+
+
+_LIVE: weakref.WeakSet[BackgroundWriter] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    """Let queued writes land before the interpreter exits, waiting at most ``EXIT_FLUSH_S`` in all."""
+    deadline = time.monotonic() + EXIT_FLUSH_S
+    for writer in list(_LIVE):
+        left = deadline - time.monotonic()
+        if left <= 0 or not writer.flush(left):
+            logger.warning("%s: exit flush timed out; some blocks were not written", writer.name)
+            break
