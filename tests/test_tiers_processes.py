@@ -49,6 +49,23 @@ def test_a_restarted_process_hits_on_its_first_call_and_other_models_never_do(tm
         assert other["tier_errors"] == 0, spec
 
 
+def test_interpreter_exit_lands_the_writes_still_queued(tmp_path):
+    """A process that exits right after generate() (no flush) still leaves its blocks on disk."""
+    folder = tmp_path / "kv"
+    report = run_worker("queue", folder, 4, 0.2)  # 12 blocks, 0.2 s each: ~2.4 s of writes at exit
+    assert report["queued"] >= 10, "the writes should still be queued when the process exits"
+    assert len(list(folder.rglob("*.kvb"))) == 12
+    assert list(folder.rglob("*.tmp")) == []
+
+
+def test_the_exit_flush_gives_up_after_its_bound_when_the_disk_hangs(tmp_path):
+    """A hung write must not hang the interpreter's exit: the flush waits EXIT_FLUSH_S at most."""
+    started = time.monotonic()
+    report = run_worker("queue", tmp_path / "kv", 2, "hang", 0.5, timeout=90)
+    assert report["queued"] == 6
+    assert time.monotonic() - started < 90  # without the bound the exit would wait forever
+
+
 def test_a_writer_killed_mid_write_leaves_nothing_a_reader_accepts(tmp_path, monkeypatch):
     folder = tmp_path / "kv"
     run_worker("write", folder, 0, 2)  # two complete chains first

@@ -7,6 +7,10 @@ python tier_worker.py generate FOLDER FAMILY:WEIGHT_SEED:SALT[,...] PROMPT_SEED.
 python tier_worker.py write FOLDER FIRST COUNT [slow]
     writes synthetic chains FIRST..FIRST+COUNT-1 through a DiskTier; with "slow" each file is written
     half, then the writer sleeps (so a test can SIGKILL it mid-write).
+python tier_worker.py queue FOLDER COUNT DELAY [EXIT_FLUSH_S]
+    puts chains 0..COUNT-1 through a DiskTier whose every file write first sleeps DELAY seconds
+    ("hang": forever), prints how many blocks are still queued, and exits WITHOUT flushing: only the
+    interpreter-exit flush can land them, bounded by EXIT_FLUSH_S (patched when given).
 python tier_worker.py read FOLDER COUNT SECONDS
     decodes every entry of chains 0..COUNT-1 it finds, again and again for SECONDS; prints how many
     were valid, missing and invalid (a partial or wrong entry accepted would be a bug).
@@ -15,6 +19,7 @@ python tier_worker.py read FOLDER COUNT SECONDS
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -80,6 +85,28 @@ def write(folder, first, count, slow=""):
     print(json.dumps({"done": True}), flush=True)
 
 
+def queue(folder, count, delay, exit_flush_s=""):
+    from tier_helpers import LAYOUT, synthetic_chain, tier_ns
+
+    from hf_prefix_cache.tiers import DiskTier
+    from hf_prefix_cache.tiers import disk as disk_module
+    from hf_prefix_cache.tiers import writer as writer_module
+
+    real_write = disk_module.write_file
+
+    def slow_write(path, data, fsync):
+        time.sleep(1e9 if delay == "hang" else float(delay))
+        real_write(path, data, fsync)
+
+    disk_module.write_file = slow_write
+    if exit_flush_s:
+        writer_module.EXIT_FLUSH_S = float(exit_flush_s)
+    tier = DiskTier(folder, LAYOUT, max_queued_blocks=10_000, fsync=False)
+    for index in range(int(count)):
+        tier.put(tier_ns(), synthetic_chain(chain_tokens(index), value=float(index + 1))[1])
+    print(json.dumps({"queued": tier.writer.pending}), flush=True)
+
+
 def read(folder, count, seconds):
     from tier_helpers import LAYOUT, slot_values, synthetic_chain, tier_ns
 
@@ -126,5 +153,9 @@ def torch_equal(a, b) -> bool:
 
 
 if __name__ == "__main__":
+    if os.environ.get("HF_PREFIX_CACHE_MUTANT"):  # tests/test_mutants.py: the mutant applies here too
+        from mutants.catalog import by_name
+
+        by_name(os.environ["HF_PREFIX_CACHE_MUTANT"]).patch()
     mode, *args = sys.argv[1:]
-    {"generate": generate, "write": write, "read": read}[mode](*args)
+    {"generate": generate, "write": write, "queue": queue, "read": read}[mode](*args)

@@ -340,6 +340,25 @@ def write_queue_unbounded() -> None:
     BackgroundWriter.max_items = property(lambda self: 1 << 60, lambda self, value: None)
 
 
+def exit_flush_off() -> None:
+    """Interpreter exit does not flush: writes still queued die with the daemon writer thread."""
+    import atexit
+
+    from hf_prefix_cache.tiers import writer
+
+    atexit.unregister(writer._flush_at_exit)
+
+
+def exit_flush_unbounded() -> None:
+    """Interpreter exit waits for every queued write, however long a hung disk takes."""
+    import atexit
+
+    from hf_prefix_cache.tiers import writer
+
+    atexit.unregister(writer._flush_at_exit)
+    atexit.register(lambda: [live.flush(None) for live in list(writer._LIVE)])
+
+
 def remote_bad_values_kept() -> None:
     """A value that fails verification stays on the server."""
     from hf_prefix_cache.tiers.remote import RemoteTier
@@ -542,6 +561,18 @@ MUTANTS: list[Mutant] = [
             "tests/test_tiers_store.py::test_a_full_write_queue_drops_and_counts_without_blocking",
             "tests/test_tier_remote_store.py::test_a_full_write_queue_drops_and_counts_instead_of_waiting",
         ),
+    ),
+    Mutant(
+        "exit_flush_off",
+        "interpreter exit lands the tier writes still queued",
+        exit_flush_off,
+        ("tests/test_tiers_processes.py::test_interpreter_exit_lands_the_writes_still_queued",),
+    ),
+    Mutant(
+        "exit_flush_unbounded",
+        "the exit flush waits EXIT_FLUSH_S at most, so a hung disk never hangs the interpreter's exit",
+        exit_flush_unbounded,
+        ("tests/test_tiers_processes.py::test_the_exit_flush_gives_up_after_its_bound_when_the_disk_hangs",),
     ),
     Mutant(
         "remote_bad_values_kept",
