@@ -87,3 +87,23 @@ class KVPool:
         ids = self._ids(block_ids, pool_k.device)
         pool_k.index_copy_(1, ids, keys.reshape(shape).to(pool_k.device, pool_k.dtype))
         pool_v.index_copy_(1, ids, values.reshape(shape).to(pool_v.device, pool_v.dtype))
+
+    def write_blocks(
+        self, layer: int, block_ids: list[int], keys: list[torch.Tensor], values: list[torch.Tensor]
+    ) -> None:
+        """Store one ``[heads, block_size, head_dim]`` K and V per block into ``block_ids``.
+
+        Consecutive ids on the pool's device and dtype are stacked straight into the pool (one pass over
+        the bytes, the promotion of a lower-tier hit); anything else goes through ``write``.
+        """
+        pool_k, pool_v = self.keys[layer], self.values[layer]
+        first, count = block_ids[0], len(block_ids)
+        direct = block_ids == list(range(first, first + count)) and all(
+            t.device == pool_k.device and t.dtype == pool_k.dtype for t in (keys[0], values[0])
+        )
+        if not direct:
+            self.write(layer, block_ids, torch.cat(keys, dim=1), torch.cat(values, dim=1))
+            return
+        self._mark_written(block_ids)
+        torch.stack(keys, dim=1, out=pool_k[:, first : first + count])
+        torch.stack(values, dim=1, out=pool_v[:, first : first + count])

@@ -163,3 +163,19 @@ def test_parse_bytes(text, expected):
 def test_parse_bytes_rejects_nonsense_with_a_hint(bad):
     with pytest.raises(ValueError, match=r"512MiB|positive"):
         parse_bytes(bad)
+
+
+@pytest.mark.parametrize("block_ids", [[3, 4, 5], [6, 2, 9]], ids=["consecutive", "scattered"])
+def test_write_blocks_stores_each_block_where_read_finds_it(block_ids):
+    """The promotion path (one K/V per block, stacked straight into the pool) against read()."""
+    from hf_prefix_cache.kv_pool import KVPool
+
+    layouts = [LayerLayout(2, 4, torch.float32, torch.device("cpu"))]
+    pool = KVPool(layouts, num_blocks=10, block_size=3)
+    keys = [torch.randn(2, 3, 4) for _ in block_ids]
+    values = [torch.randn(2, 3, 4) for _ in block_ids]
+    pool.write_blocks(0, block_ids, keys, values)
+    for block_id, k, v in zip(block_ids, keys, values):
+        got_k, got_v = pool.read(0, [block_id])
+        assert torch.equal(got_k, k) and torch.equal(got_v, v)
+    assert pool.committed_bytes == len(block_ids) * pool.block_bytes()

@@ -167,3 +167,56 @@ def test_the_namespace_digest_is_stable_across_processes():
     here = tier_namespace("fp/salt", 16, [LAYOUTS[0]]).hex()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == here
+
+
+def _resign(data: bytearray) -> bytes:
+    """``data`` with a checksum that matches its (edited) bytes: only the field checks can catch it."""
+    at = entry_module._CHECKSUM_AT
+    data[at : at + 16] = bytes(16)
+    data[at : at + 16] = entry_module._checksum((bytes(data),))
+    return bytes(data)
+
+
+def test_decoded_kv_are_views_of_the_entry_bytes_not_copies():
+    """A read costs one pass (the promotion into the pool): decode itself copies no tensor."""
+    block = make_block()
+    flat = torch.frombuffer(bytearray(encode(NS, block)), dtype=torch.uint8)
+    back = decode(flat, NS, request_for(block), LAYOUTS)
+    storage = flat.untyped_storage().data_ptr()
+    for tensor in back.keys + back.values:
+        assert tensor.untyped_storage().data_ptr() == storage
+    assert len(entry_module.pack(block.keys, block.values)) == 2  # one tensor per run of alike layers
+
+
+def test_a_payload_of_other_tensors_is_rejected_even_with_a_valid_checksum(monkeypatch):
+    block = make_block()
+
+    def per_layer(keys, values):  # format 1's naming: one tensor per layer and kind
+        return {**{f"k.{i}": k for i, k in enumerate(keys)}, **{f"v.{i}": v for i, v in enumerate(values)}}
+
+    monkeypatch.setattr(entry_module, "pack", per_layer)
+    data = encode(NS, block)
+    monkeypatch.undo()
+    with pytest.raises(EntryError) as error:
+        decode(data, NS, request_for(block), LAYOUTS)
+    assert error.value.kind == "payload"
+
+
+@pytest.mark.parametrize("edit", ["past_the_end", "wrong_dtype", "not_json"])
+def test_a_malformed_safetensors_header_is_rejected_even_with_a_valid_checksum(edit):
+    block = make_block()
+    data = bytearray(encode(NS, block))
+    payload_at = len(data) - struct.unpack_from("<Q", data, _field_offset("payload"))[0]
+    (length,) = struct.unpack_from("<Q", data, payload_at)
+    header = bytes(data[payload_at + 8 : payload_at + 8 + length])
+    if edit == "past_the_end":
+        new = header.replace(b'"data_offsets":[0,', b'"data_offsets":[9,', 1)
+    elif edit == "wrong_dtype":
+        new = header.replace(b'"F32"', b'"I32"', 1)
+    else:
+        new = b"{" + header[1:-1] + b"?"
+    assert new != header and len(new) == len(header)
+    data[payload_at + 8 : payload_at + 8 + length] = new
+    with pytest.raises(EntryError) as error:
+        decode(_resign(data), NS, request_for(block), LAYOUTS)
+    assert error.value.kind == "payload"

@@ -14,6 +14,10 @@ shared by several processes at once.
   can overshoot by at most about that many entries per process between scans.
 - Every failure (bad entry, unreadable or read-only folder, full disk) is a miss or a dropped write,
   counted and warned about once; a bad entry is deleted.
+- Reads map the file (``torch.from_file``, private mapping) instead of copying it into fresh memory:
+  the checksum reads the page cache directly and the promotion into the device pool is the only copy.
+  Entries are immutable once renamed into place (never truncated; an eviction unlinks, which a mapping
+  survives), so do not edit entry files in place while processes read them.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+import torch
 
 from ..layout import LayerLayout
 from ..memory import parse_bytes
@@ -116,12 +122,14 @@ class DiskTier(Tier):
     def _read(self, namespace: bytes, request: BlockRequest) -> BlockData | None:
         path = self.path(namespace, request.block_hash)
         try:
-            with open(path, "rb") as handle:
-                data = handle.read()
+            data = torch.from_file(str(path), shared=False, size=path.stat().st_size, dtype=torch.uint8)
         except FileNotFoundError:
             self._known.discard((namespace, request.block_hash))
             return None
-        except OSError as error:
+        except (OSError, RuntimeError) as error:  # torch reports a failed open or mapping as RuntimeError
+            if not path.exists():  # deleted between the stat and the mapping: a plain miss
+                self._known.discard((namespace, request.block_hash))
+                return None
             self.error("read", f"cannot read {path} ({error})")
             return None
         try:

@@ -1,29 +1,41 @@
 """One block as one self-describing, verified byte string: the unit the disk (and remote) tiers store.
 
-Layout (little-endian), version 1::
+Layout (little-endian), version 2::
 
     fixed header  HEADER (92 bytes): magic b"HFPCKV\\r\\n", format version u16, reserved u16,
                   token count u32, layer count u32, namespace digest 16s, block hash 16s,
                   parent hash 16s, payload length u64, checksum 16s
     tokens        token count x int64
     layer table   layer count x (heads u32, head dim u32, dtype name 16s, e.g. b"torch.float32")
-    payload       a safetensors file holding "k.<layer>" and "v.<layer>", each [heads, tokens, head dim]
+    padding       zeros up to a multiple of 64 bytes, so the tensors are aligned where they are read
+    payload       a safetensors file with one tensor per run of consecutive layers of one layout:
+                  "kv.<first layer>" of shape [2 * layers, heads, tokens, head dim], K and V interleaved
+                  (k0, v0, k1, v1, ...). A model whose layers all look alike has one tensor per entry.
+
+One tensor per layer run, not per layer, because reading is per tensor: a 30-layer block read as 60
+tensors spent more time creating tensors than copying bytes.
 
 The checksum is MurmurHash3 x64-128 of the whole entry with the checksum field zeroed. ``decode``
 verifies every field against what the caller expects (namespace, hash, parent, tokens, layouts), the
 length and the checksum, and raises ``EntryError`` with a ``kind`` on the first mismatch: the caller
 counts it as a miss and deletes the entry. The magic catches foreign files, the version older formats.
+
+``decode`` copies nothing: the returned K/V are views of ``data`` (a memory-mapped file or a received
+value), read once by the promotion into the device pool. It parses the payload's safetensors header
+itself (8-byte length, JSON table of dtype, shape and offsets) because the safetensors package only
+loads from bytes by copying every tensor; the writer is still ``safetensors.torch.save``.
 """
 
 from __future__ import annotations
 
+import json
 import struct
+import warnings
 from array import array
 from collections.abc import Sequence
 
 import mmh3
 import torch
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from ..hashing import HASH_SEED
@@ -31,11 +43,20 @@ from ..layout import LayerLayout
 from .base import BlockData, BlockRequest
 
 MAGIC = b"HFPCKV\r\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 HEADER = struct.Struct("<8sHHII16s16s16sQ16s")
 LAYER = struct.Struct("<II16s")
+ALIGN = 64
 _CHECKSUM_AT = HEADER.size - 16
 _NO_CHECKSUM = bytes(16)
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 
 
 class EntryError(Exception):
@@ -46,7 +67,7 @@ class EntryError(Exception):
         self.kind = kind
 
 
-def _checksum(parts: Sequence[bytes | memoryview]) -> bytes:
+def _checksum(parts: Sequence) -> bytes:
     hasher = mmh3.mmh3_x64_128(seed=HASH_SEED)
     for part in parts:
         hasher.update(part)
@@ -57,17 +78,51 @@ def _dtype_name(dtype: torch.dtype) -> bytes:
     return str(dtype).encode()
 
 
+def _aligned(offset: int) -> int:
+    return -(-offset // ALIGN) * ALIGN
+
+
+def layer_runs(shapes: Sequence[tuple]) -> list[tuple[int, int]]:
+    """(first layer, layer count) of each run of consecutive layers whose ``shapes`` entries are equal."""
+    runs: list[tuple[int, int]] = []
+    for index, shape in enumerate(shapes):
+        if runs and shapes[runs[-1][0]] == shape:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((index, 1))
+    return runs
+
+
+def pack(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-layer K/V as one contiguous tensor per layer run (see the module docstring)."""
+    shapes = [(k.shape, k.dtype, k.device) for k in keys]
+    packed = {}
+    for first, count in layer_runs(shapes):
+        pairs = [t for i in range(first, first + count) for t in (keys[i], values[i])]
+        packed[f"kv.{first}"] = torch.stack(pairs)
+    return packed
+
+
+def unpack(packed: dict[str, torch.Tensor], n_layers: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The per-layer K and V views of ``pack``'s tensors."""
+    keys: list[torch.Tensor | None] = [None] * n_layers
+    values: list[torch.Tensor | None] = [None] * n_layers
+    for name, tensor in packed.items():
+        first = int(name.split(".", 1)[1])
+        parts = tensor.unbind(0)
+        for offset in range(len(parts) // 2):
+            keys[first + offset] = parts[2 * offset]
+            values[first + offset] = parts[2 * offset + 1]
+    return keys, values
+
+
 def encode(namespace: bytes, block: BlockData) -> bytes:
     """The entry bytes for ``block`` (CPU tensors) in ``namespace``."""
-    tensors = {}
-    table = b""
-    for index, (keys, values) in enumerate(zip(block.keys, block.values)):
-        tensors[f"k.{index}"] = keys.contiguous()
-        tensors[f"v.{index}"] = values.contiguous()
-        heads, _, head_dim = keys.shape
-        table += LAYER.pack(heads, head_dim, _dtype_name(keys.dtype))
-    payload = save_safetensors(tensors)
+    table = b"".join(LAYER.pack(keys.shape[0], keys.shape[2], _dtype_name(keys.dtype)) for keys in block.keys)
+    payload = save_safetensors(pack(block.keys, block.values))
     tokens = array("q", block.tokens).tobytes()
+    unpadded = HEADER.size + len(tokens) + len(table)
+    padding = bytes(_aligned(unpadded) - unpadded)
     fields = (
         MAGIC,
         FORMAT_VERSION,
@@ -80,18 +135,33 @@ def encode(namespace: bytes, block: BlockData) -> bytes:
         len(payload),
     )
     unsigned = HEADER.pack(*fields, _NO_CHECKSUM)
-    checksum = _checksum((unsigned, tokens, table, payload))
-    return b"".join((HEADER.pack(*fields, checksum), tokens, table, payload))
+    checksum = _checksum((unsigned, tokens, table, padding, payload))
+    return b"".join((HEADER.pack(*fields, checksum), tokens, table, padding, payload))
+
+
+def as_byte_tensor(data: bytes | bytearray | memoryview | torch.Tensor) -> torch.Tensor:
+    """``data`` as a flat uint8 CPU tensor sharing its memory (read-only buffers are never written)."""
+    if isinstance(data, torch.Tensor):
+        return data.view(torch.uint8).reshape(-1)
+    if len(data) == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    with warnings.catch_warnings():  # bytes are read-only; the tensor is only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(data, dtype=torch.uint8)
 
 
 def decode(
-    data: bytes | bytearray | memoryview,
+    data: bytes | bytearray | memoryview | torch.Tensor,
     namespace: bytes,
     request: BlockRequest,
     layouts: Sequence[LayerLayout],
 ) -> BlockData:
-    """The verified block in ``data``; raises ``EntryError`` unless every field is what the caller expects."""
-    view = memoryview(data)
+    """The verified block in ``data``; raises ``EntryError`` unless every field is what the caller expects.
+
+    The K/V returned are views of ``data`` (no copy): keep ``data`` unchanged while they are used.
+    """
+    flat = as_byte_tensor(data)
+    view = memoryview(flat.numpy())
     if len(view) < HEADER.size:
         raise EntryError("truncated", f"{len(view)} bytes, shorter than the {HEADER.size}-byte header")
     magic, version, _, n_tokens, n_layers, ns, block_hash, parent, payload_len, checksum = HEADER.unpack_from(
@@ -103,7 +173,7 @@ def decode(
         raise EntryError("version", f"format version {version}, this library reads {FORMAT_VERSION}")
     tokens_at = HEADER.size
     table_at = tokens_at + 8 * n_tokens
-    payload_at = table_at + LAYER.size * n_layers
+    payload_at = _aligned(table_at + LAYER.size * n_layers)
     if len(view) != payload_at + payload_len:
         raise EntryError("truncated", f"{len(view)} bytes, the header says {payload_at + payload_len}")
     unsigned = bytes(view[:_CHECKSUM_AT]) + _NO_CHECKSUM
@@ -119,31 +189,59 @@ def decode(
     if tokens != tuple(request.tokens):
         raise EntryError("tokens", "holds other token ids")
     expected = [LAYER.pack(x.num_heads, x.head_dim, _dtype_name(x.dtype)) for x in layouts]
-    if bytes(view[table_at:payload_at]) != b"".join(expected) or n_layers != len(layouts):
+    if bytes(view[table_at : table_at + LAYER.size * n_layers]) != b"".join(expected) or n_layers != len(
+        layouts
+    ):
         raise EntryError("layout", "layer count, heads, head dim or dtype differ from the model's")
-    try:
-        tensors = load_safetensors(bytes(view[payload_at:]))
-        keys = [tensors[f"k.{i}"] for i in range(n_layers)]
-        values = [tensors[f"v.{i}"] for i in range(n_layers)]
-    except Exception as error:  # safetensors raises its own error types
-        raise EntryError("payload", f"unreadable safetensors payload ({error})") from error
-    for layout, k, v in zip(layouts, keys, values):
-        shape = (layout.num_heads, n_tokens, layout.head_dim)
-        if (
-            tuple(k.shape) != shape
-            or tuple(v.shape) != shape
-            or k.dtype != layout.dtype
-            or v.dtype != layout.dtype
-        ):
-            raise EntryError("payload", "tensor shapes or dtypes differ from the layer table")
+    packed = _read_payload(flat, view, payload_at)
+    _check_payload(packed, layouts, n_tokens)
+    keys, values = unpack(packed, n_layers)
     return BlockData(block_hash, parent, tokens, keys, values)
+
+
+def _read_payload(flat: torch.Tensor, view: memoryview, at: int) -> dict[str, torch.Tensor]:
+    """The safetensors payload at ``at`` as views of ``flat`` (format: 8-byte header length, JSON
+    header of dtype, shape and data offsets, then the data)."""
+    try:
+        (length,) = struct.unpack_from("<Q", view, at)
+        header = json.loads(bytes(view[at + 8 : at + 8 + length]))
+        data_at = at + 8 + length
+        tensors = {}
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = _SAFETENSORS_DTYPES[meta["dtype"]]
+            shape = [int(x) for x in meta["shape"]]
+            begin, end = (int(x) for x in meta["data_offsets"])
+            numel = 1
+            for size in shape:
+                numel *= size
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            if not 0 <= begin <= end <= len(view) - data_at or end - begin != numel * itemsize:
+                raise ValueError(f"tensor {name!r} lies outside the payload or has the wrong size")
+            tensors[name] = flat[data_at + begin : data_at + end].view(dtype).view(shape)
+        return tensors
+    except Exception as error:  # malformed JSON, keys, dtypes, offsets or alignment
+        raise EntryError("payload", f"unreadable safetensors payload ({error!r})") from error
+
+
+def _check_payload(packed: dict[str, torch.Tensor], layouts: Sequence[LayerLayout], n_tokens: int) -> None:
+    """Exactly the tensors ``pack`` writes for ``layouts``, with their shapes and dtypes."""
+    runs = layer_runs([(x.num_heads, x.head_dim, x.dtype) for x in layouts])
+    expected = {
+        f"kv.{first}": (
+            (2 * count, layouts[first].num_heads, n_tokens, layouts[first].head_dim),
+            layouts[first].dtype,
+        )
+        for first, count in runs
+    }
+    got = {name: (tuple(t.shape), t.dtype) for name, t in packed.items()}
+    if got != expected:
+        raise EntryError("payload", "tensor names, shapes or dtypes differ from the layer table")
 
 
 def entry_size(block_size: int, layouts: Sequence[LayerLayout]) -> int:
     """Approximate bytes of one entry (header, tokens, table and K/V; the safetensors header is extra)."""
-    return (
-        HEADER.size
-        + 8 * block_size
-        + LAYER.size * len(layouts)
-        + sum(layout.block_bytes(block_size) for layout in layouts)
+    return _aligned(HEADER.size + 8 * block_size + LAYER.size * len(layouts)) + sum(
+        layout.block_bytes(block_size) for layout in layouts
     )

@@ -21,10 +21,9 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-
 from ..hashing import BlockHash, root_hash
 from .base import BlockData, BlockRequest, Tier
+from .entry import pack, unpack
 from .namespace import tier_namespace
 
 if TYPE_CHECKING:
@@ -67,16 +66,15 @@ class TierStack:
 
     # -- block data ----------------------------------------------------------------------------------
     def _read_block(self, block: Block, origin: _Origin) -> BlockData:
-        """A CPU copy of one pool block's K/V across all layers."""
+        """A CPU copy of one pool block's K/V across all layers: one contiguous tensor per layer run
+        (the entry format's packing), so a tier keeps one allocation per block, not two per layer."""
         kv = self.store.kv
-        keys = [
-            kv.keys[layer][:, block.block_id].to("cpu", copy=True).contiguous()
-            for layer in range(len(kv.keys))
-        ]
-        values = [
-            kv.values[layer][:, block.block_id].to("cpu", copy=True).contiguous()
-            for layer in range(len(kv.keys))
-        ]
+        layers = range(len(kv.keys))
+        packed = pack(
+            [kv.keys[layer][:, block.block_id] for layer in layers],
+            [kv.values[layer][:, block.block_id] for layer in layers],
+        )
+        keys, values = unpack({name: t.to("cpu") for name, t in packed.items()}, len(kv.keys))
         return BlockData(origin.block_hash, origin.parent_hash, origin.tokens, keys, values)
 
     # -- store hooks (called with the store's lock held) -----------------------------------------------
@@ -205,9 +203,9 @@ class TierStack:
         try:
             ids = [block.block_id for block, _, _ in taken]
             for layer in range(len(kv.keys)):
-                keys = torch.cat([data.keys[layer] for _, data, _ in taken], dim=1)
-                values = torch.cat([data.values[layer] for _, data, _ in taken], dim=1)
-                kv.write(layer, ids, keys, values)
+                keys = [data.keys[layer] for _, data, _ in taken]
+                values = [data.values[layer] for _, data, _ in taken]
+                kv.write_blocks(layer, ids, keys, values)
         except Exception as error:
             pool.release([block for block, _, _ in taken])
             self.tiers[0].error("promote", f"could not copy blocks into the pool ({error!r})")

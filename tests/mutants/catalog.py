@@ -359,6 +359,21 @@ def exit_flush_unbounded() -> None:
     atexit.register(lambda: [live.flush(None) for live in list(writer._LIVE)])
 
 
+def entry_payload_unchecked() -> None:
+    """decode() serves whatever tensors the payload names, without comparing them to the layer table."""
+    from hf_prefix_cache.tiers import entry
+
+    entry._check_payload = lambda packed, layouts, n_tokens: None
+
+
+def entry_decode_copies() -> None:
+    """decode() copies every tensor out of the entry (a second pass over the bytes of every read)."""
+    from hf_prefix_cache.tiers import entry
+
+    read_payload = entry._read_payload
+    entry._read_payload = lambda *args: {k: v.clone() for k, v in read_payload(*args).items()}
+
+
 def remote_bad_values_kept() -> None:
     """A value that fails verification stays on the server."""
     from hf_prefix_cache.tiers.remote import RemoteTier
@@ -573,6 +588,18 @@ MUTANTS: list[Mutant] = [
         "the exit flush waits EXIT_FLUSH_S at most, so a hung disk never hangs the interpreter's exit",
         exit_flush_unbounded,
         ("tests/test_tiers_processes.py::test_the_exit_flush_gives_up_after_its_bound_when_the_disk_hangs",),
+    ),
+    Mutant(
+        "entry_payload_unchecked",
+        "an entry's payload tensors must be exactly those of the layer table",
+        entry_payload_unchecked,
+        ("tests/test_tier_entry.py::test_a_payload_of_other_tensors_is_rejected_even_with_a_valid_checksum",),
+    ),
+    Mutant(
+        "entry_decode_copies",
+        "decode() returns views of the entry bytes, so a read copies the K/V once (into the pool)",
+        entry_decode_copies,
+        ("tests/test_tier_entry.py::test_decoded_kv_are_views_of_the_entry_bytes_not_copies",),
     ),
     Mutant(
         "remote_bad_values_kept",
