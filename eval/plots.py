@@ -146,9 +146,10 @@ def plot_hit_rate_by_turn(ax: Axes, frame: pd.DataFrame, modes: Sequence[str]) -
     ax.set_title("Hit rate by turn")
     ax.grid(alpha=0.3, axis="y")
     if shown:
-        ax.set_ylim(0, 118)
+        columns = min(len(shown), 3)
+        ax.set_ylim(0, 100 + 18 * -(-len(shown) // columns))  # room above the bars for the legend rows
         ax.set_yticks(range(0, 101, 20))
-        ax.legend(fontsize="small", loc="upper center", ncol=len(shown))
+        ax.legend(fontsize="small", loc="upper center", ncol=columns)
     else:
         ax.text(0.5, 0.5, "no mode reported hits", ha="center", va="center", transform=ax.transAxes)
 

@@ -48,9 +48,8 @@ def server(tmp_path_factory):
         yield server
 
 
-@pytest.fixture(scope="module")
-def run(setup, server):
-    """One CLI run with --disk --restart and --workers 2 --remote (staggered); returns its results."""
+def cli_run(setup, name: str, *options: str):
+    """``python -m hf_prefix_cache_eval`` on the tiny model with ``options``; returns its results."""
     root, folder, dataset, system = setup
     ran = []
     run_evaluation_now = runner.run_evaluation
@@ -61,9 +60,8 @@ def run(setup, server):
                 "--model", str(folder), "--dataset", str(dataset), "--system-prompt-file", str(system),
                 "--modes", "prefix_cache", "--max-new-tokens", "3", "--warmup-calls", "1",
                 "--block-size", str(BLOCK), "--cache-blocks", "256", "--threads", "1",
-                "--disk", str(root / "kv"), "--restart",
-                "--remote", server.url, "--remote-min-tokens", "0", "--workers", "2", "--worker-start", "staggered",
-                "--output-dir", str(root / "out"), "--run-name", "tiers", "--no-progress", "--no-plots",
+                "--output-dir", str(root / "out"), "--run-name", name, "--no-progress", "--no-plots",
+                *options,
             ]
         )  # fmt: skip
     finally:
@@ -73,7 +71,24 @@ def run(setup, server):
     return results
 
 
-def test_restart_turns_hit_the_disk_tier_and_match_the_baseline(run):
+@pytest.fixture(scope="module")
+def restart_run(setup):
+    """A run that fills a disk tier, then replays every first turn in a fresh process over it."""
+    return cli_run(setup, "restart", "--disk", str(setup[0] / "kv"), "--restart")
+
+
+@pytest.fixture(scope="module")
+def workers_run(setup, server):
+    """Two worker processes through one redis-server, staggered: worker1 starts after worker0's first turn
+    is on the server, so its first turn can hit the shared system prompt there."""
+    return cli_run(
+        setup, "workers", "--remote", server.url, "--remote-min-tokens", "0", "--workers", "2",
+        "--worker-start", "staggered",
+    )  # fmt: skip
+
+
+def test_restart_turns_hit_the_disk_tier_and_match_the_baseline(restart_run):
+    run = restart_run
     frame = run.frame()
     restart = frame[frame["mode"] == "restart"].set_index("step")
     first = frame[(frame["mode"] == "baseline") & (frame["turn"] == 1)].set_index("step")
@@ -90,21 +105,23 @@ def test_restart_turns_hit_the_disk_tier_and_match_the_baseline(run):
     assert summary.loc["prefix_cache", "hit_disk"] == 0  # the single-process run itself started cold
 
 
-def test_restart_over_an_empty_folder_hits_nothing(run, setup):
+def test_restart_over_an_empty_folder_hits_nothing(restart_run, setup):
     """Negative control: the same replay over a folder that no run filled finds nothing."""
     root = setup[0]
     empty = root / "empty-kv"
     empty.mkdir()
-    spec = runner.subprocess_model_spec(run.config, passed_in=False)
+    config, plan = restart_run.config, restart_run.plan
+    spec = runner.subprocess_model_spec(config, passed_in=False)
     warmup = list(range(10, 30))  # shares no block with the turns: it only warms the process up
-    records, _ = subruns.run_restart(run.config, spec, run.plan, warmup, disk=str(empty))
+    records, _ = subruns.run_restart(config, spec, plan, warmup, disk=str(empty))
     assert len(records) == 4 and all(r.match for r in records)
     assert sum(r.hit_disk for r in records) == 0
     # later first turns still hit the system prompt in the fresh process's own device pool
     assert records[0].hit_tokens == 0
 
 
-def test_workers_replay_disjoint_conversations_and_share_the_system_prompt(run):
+def test_workers_replay_disjoint_conversations_and_share_the_system_prompt(workers_run):
+    run = workers_run
     frame = run.frame()
     workers = ["worker0", "worker1"]
     assert [m for m in run.measured_modes if m.startswith("worker")] == workers
@@ -126,18 +143,45 @@ def test_workers_replay_disjoint_conversations_and_share_the_system_prompt(run):
     assert summary.loc["worker0", "hit_remote"] == 0
 
 
-def test_report_and_results_json_carry_the_other_processes(run):
+@pytest.mark.parametrize(
+    ("fixture", "modes"), [("restart_run", ["restart"]), ("workers_run", ["worker0", "worker1"])]
+)
+def test_report_and_results_json_carry_the_other_processes(fixture, modes, request):
+    run = request.getfixturevalue(fixture)
     table = run.table()
     assert "first turn of each conversation" in table
-    for mode in ("restart", "worker0", "worker1"):
-        assert mode in table
+    assert all(mode in table for mode in modes)
     payload = json.loads(run.files["json"].read_text())
     first = {row["mode"]: row for row in payload["first_turns"]}
-    assert {"baseline", "prefix_cache", "restart", "worker0", "worker1"} <= set(first)
-    assert first["restart"]["hit_disk"] > 0 and first["worker1"]["hit_remote"] > 0
-    assert {row["mode"] for row in payload["summary"]} >= {"restart", "worker0", "worker1"}
-    assert payload["modes"]["worker1"]["first_turn"]["hit_tokens_by_tier"]["remote"] > 0
-    assert payload["config"]["workers"] == 2 and payload["config"]["restart"] is True
+    assert set(first) == {"baseline", "prefix_cache", *modes}
+    assert {row["mode"] for row in payload["summary"]} == {"baseline", "prefix_cache", *modes}
+    if fixture == "restart_run":
+        assert first["restart"]["hit_disk"] > 0 and payload["config"]["restart"] is True
+    else:
+        assert first["worker1"]["hit_remote"] > 0 and payload["config"]["workers"] == 2
+        assert payload["modes"]["worker1"]["first_turn"]["hit_tokens_by_tier"]["remote"] > 0
+        assert payload["config"]["remote"].startswith("redis://127.0.0.1:")
+
+
+def test_subprocess_outputs_are_checked_against_the_baseline():
+    """A replayed turn whose tokens differ from the baseline's is a mismatch (the check can fail)."""
+    plan = [
+        subruns.PlannedTurn(0, "a", 0, 1, [5, 6, 7], [1, 2, 3]),
+        subruns.PlannedTurn(1, "b", 1, 1, [5, 8], [4]),
+    ]
+    out = {"turns": [
+        {"step": 0, "tokens": [1, 2, 3], "ttft_s": 0.1, "e2e_s": 0.2, "hit_tokens": 0, "hit_tokens_by_tier": {}},
+        {"step": 1, "tokens": [9], "ttft_s": 0.1, "e2e_s": 0.2, "hit_tokens": 0, "hit_tokens_by_tier": {}},
+    ]}  # fmt: skip
+    records = subruns._records("restart", plan, out)
+    assert [r.match for r in records] == [True, False]
+
+
+def test_redis_password_never_reaches_the_results():
+    from hf_prefix_cache_eval.config import EvalConfig
+
+    config = EvalConfig(remote="redis://user:secret@10.0.0.1:6379/0", output_dir=None)
+    assert config.as_dict()["remote"] == "redis://user:***@10.0.0.1:6379/0"
 
 
 @pytest.mark.parametrize(
