@@ -163,6 +163,20 @@ def test_report_and_results_json_carry_the_other_processes(fixture, modes, reque
         assert payload["config"]["remote"].startswith("redis://127.0.0.1:")
 
 
+def test_remote_alone_gives_the_single_process_mode_the_redis_tier(setup, server):
+    """``--remote`` without ``--workers``: the prefix_cache mode stores into the server, under this run's
+    own key prefix (its warm-up clear cannot touch anyone else's keys), and stays exact."""
+    client = server.client()
+    client.set(b"someone-else:key", b"kept")
+    results = cli_run(setup, "remote", "--remote", server.url, "--remote-min-tokens", "0")
+    stats = results.modes["prefix_cache"]["stats"]
+    assert stats["tiers"]["remote"]["puts"] > 0 and stats["tier_errors"] == 0
+    assert results.summary_frame().loc["prefix_cache", "mismatches"] == 0
+    prefixes = {key.split(b":")[0] for key in client.scan_iter(match="hfpc-eval-*")}
+    assert len({p for p in prefixes if not p.endswith(b"-workers")}) == 1  # this run's own prefix
+    assert client.get(b"someone-else:key") == b"kept"
+
+
 def test_subprocess_outputs_are_checked_against_the_baseline():
     """A replayed turn whose tokens differ from the baseline's is a mismatch (the check can fail)."""
     plan = [

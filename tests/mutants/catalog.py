@@ -131,6 +131,19 @@ def workers_share_every_conversation() -> None:
     replace_function("hf_prefix_cache_eval.subruns", "split_round_robin", make)
 
 
+def eval_remote_alone_ignored() -> None:
+    """--remote without --workers leaves the eval's prefix_cache mode without the Redis tier."""
+
+    def make(single_process_tiers):
+        def without_remote(config, key_prefix):
+            tiers = single_process_tiers(config, key_prefix)
+            return {k: v for k, v in tiers.items() if k not in ("remote", "key_prefix", "remote_min_tokens")}
+
+        return without_remote
+
+    replace_function("hf_prefix_cache_eval.runner", "single_process_tiers", make)
+
+
 def subrun_match_always_true() -> None:
     """Turns replayed in other processes are never compared with the baseline's output."""
 
@@ -460,6 +473,12 @@ MUTANTS: list[Mutant] = [
         "the eval's --workers split the conversations into disjoint round-robin shares",
         workers_share_every_conversation,
         (f"{EVAL_TIERS}::test_workers_replay_disjoint_conversations_and_share_the_system_prompt",),
+    ),
+    Mutant(
+        "eval_remote_alone_ignored",
+        "the eval's --remote alone gives the prefix_cache mode the Redis tier",
+        eval_remote_alone_ignored,
+        (f"{EVAL_TIERS}::test_remote_alone_gives_the_single_process_mode_the_redis_tier",),
     ),
     Mutant(
         "subrun_match_always_true",
