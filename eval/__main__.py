@@ -181,6 +181,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--disk-size", default=None, help="most the disk tier folder may hold (default 16GiB with --disk)"
     )
 
+    cache.add_argument(
+        "--remote",
+        default=None,
+        help="PrefixCache Redis/Valkey tier URL (redis://HOST:PORT/DB): alone, the single-process "
+        "prefix_cache mode gets it; with --workers, the workers share it (keys under this run's own prefix)",
+    )
+    cache.add_argument(
+        "--remote-min-tokens",
+        type=int,
+        default=None,
+        help="shortest remote hit worth fetching (default: the library's)",
+    )
+    others = parser.add_argument_group("other processes (after the single-process run)")
+    others.add_argument(
+        "--restart",
+        action="store_true",
+        help="with --disk: replay the first turn of every conversation in a fresh process whose "
+        "PrefixCache reads the disk tier this run filled (mode 'restart')",
+    )
+    others.add_argument(
+        "--workers",
+        type=_positive,
+        default=None,
+        help="with --remote: replay the conversations split round-robin over N worker processes that "
+        "share the Redis server (modes 'worker0', 'worker1', ...)",
+    )
+    others.add_argument(
+        "--worker-start",
+        choices=("together", "staggered"),
+        default=_DEFAULTS.worker_start,
+        help="release the loaded, warmed-up workers all at once, or each one after the previous one's "
+        "first turn is on the server",
+    )
+
     out = parser.add_argument_group("output")
     out.add_argument(
         "--output-dir", default=str(_DEFAULTS.output_dir), help="parent folder of the run folder"
@@ -224,6 +258,11 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         host_memory=args.host_memory,
         disk=args.disk,
         disk_size=args.disk_size,
+        remote=args.remote,
+        remote_min_tokens=args.remote_min_tokens,
+        restart=args.restart,
+        workers=args.workers,
+        worker_start=args.worker_start,
         warmup_calls=args.warmup_calls,
         seed=args.seed,
         context_bin_tokens=args.bin_tokens,

@@ -11,9 +11,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .modes import BASELINE, MODE_NAMES
+from .modes import BASELINE, MODE_NAMES, PREFIX_CACHE, redact_url
 from .replay import HISTORY_CHOICES
 
+WORKER_STARTS: tuple[str, ...] = ("together", "staggered")
 DEFAULT_SYSTEM_PROMPT = "default"  # EvalConfig.system_prompt value meaning data.default_system_prompt()
 
 
@@ -39,6 +40,11 @@ class EvalConfig:
     host_memory: str | None = None  # PrefixCache host tier size; None: no host tier
     disk: str | None = None  # PrefixCache disk tier folder; None: no disk tier
     disk_size: str | None = None
+    remote: str | None = None  # PrefixCache remote (Redis) tier URL; with workers, the workers' server
+    remote_min_tokens: int | None = None  # shortest remote hit worth fetching (None: the library's default)
+    restart: bool = False  # replay every first turn in a fresh process over the filled disk tier
+    workers: int | None = None  # replay disjoint conversations in this many processes sharing remote
+    worker_start: str = "together"  # "together" or "staggered" (each after the previous one's first turn)
     warmup_calls: int = 2
     seed: int = 0
     context_bin_tokens: int | None = None  # None: a power of two giving at most 8 bins
@@ -77,14 +83,40 @@ class EvalConfig:
             raise ValueError(f"warmup_calls must be a non-negative int, got {self.warmup_calls!r}")
         if self.disk_size is not None and self.disk is None:
             raise ValueError("disk_size needs disk (the disk tier folder)")
+        self._check_subprocess_runs()
         if self.cache_memory is None and self.cache_blocks is None:
             raise ValueError("give cache_memory or cache_blocks to size the prefix store")
+
+    def _check_subprocess_runs(self) -> None:
+        if self.restart and self.disk is None:
+            raise ValueError(
+                "--restart needs --disk DIR (EvalConfig.disk): the fresh process reads back the disk tier "
+                "that the run fills"
+            )
+        if self.restart and PREFIX_CACHE not in self.modes:
+            raise ValueError(
+                f"--restart reads the disk tier that the {PREFIX_CACHE} mode fills: add {PREFIX_CACHE} to --modes"
+            )
+        if self.workers is not None:
+            if not isinstance(self.workers, int) or self.workers < 1:
+                raise ValueError(f"workers must be a positive int or None, got {self.workers!r}")
+            if self.remote is None:
+                raise ValueError(
+                    "--workers needs --remote redis://HOST:PORT/DB (EvalConfig.remote): the worker "
+                    "processes share one Redis/Valkey server"
+                )
+        if self.worker_start not in WORKER_STARTS:
+            raise ValueError(f"worker_start must be one of {WORKER_STARTS}, got {self.worker_start!r}")
+        if self.remote_min_tokens is not None and self.remote is None:
+            raise ValueError("remote_min_tokens needs remote (a redis:// URL)")
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["modes"] = list(self.modes)
         if self.output_dir is not None:
             data["output_dir"] = os.fspath(self.output_dir)
+        if self.remote is not None:
+            data["remote"] = redact_url(self.remote)
         if self.system_prompt not in (None, DEFAULT_SYSTEM_PROMPT):
             data["system_prompt"] = f"<custom, {len(self.system_prompt)} characters>"
         return data

@@ -35,6 +35,21 @@ class TurnRecord:
     new_tokens: int
     match: bool  # greedy tokens equal to the baseline's
     error: str | None = None
+    # prompt tokens reused from each PrefixCache tier (NaN for the modes that are not a PrefixCache)
+    hit_device: float = math.nan
+    hit_host: float = math.nan
+    hit_disk: float = math.nan
+    hit_remote: float = math.nan
+
+
+TIERS: tuple[str, ...] = ("device", "host", "disk", "remote")
+
+
+def tier_hits(by_tier: dict[str, int] | None) -> dict[str, float]:
+    """``TurnRecord`` keyword arguments from ``CallStats.hit_tokens_by_tier`` (a tier absent there: 0)."""
+    if by_tier is None:
+        return {}
+    return {f"hit_{tier}": float(by_tier.get(tier, 0)) for tier in TIERS}
 
 
 def records_frame(records: Sequence[TurnRecord], bin_tokens: int | None = None) -> pd.DataFrame:
@@ -76,7 +91,11 @@ def _hit_rate(group: pd.DataFrame) -> float:
 
 
 def summarize(frame: pd.DataFrame, modes: Sequence[str]) -> pd.DataFrame:
-    """One row per mode: TTFT and end-to-end p50/p90/mean, hit rate, mismatches, speedups."""
+    """One row per mode: TTFT and end-to-end p50/p90/mean, hit rate, mismatches, speedups.
+
+    A mode's speedups are against the baseline on the same turns (steps): the restart and worker modes
+    replay only some of the turns, in other processes.
+    """
     rows = []
     for mode in modes:
         part = frame[frame["mode"] == mode]
@@ -98,15 +117,36 @@ def summarize(frame: pd.DataFrame, modes: Sequence[str]) -> pd.DataFrame:
                 else float(ok["computed_tokens"].sum()),
                 "hit_rate": _hit_rate(ok),
                 "mismatches": int((~ok["match"]).sum()),
+                **{f"hit_{tier}": _tier_total(ok, tier) for tier in TIERS},
+                **_speedups(frame, part, ok),
             }
         )
-    summary = pd.DataFrame(rows).set_index("mode")
-    if BASELINE in summary.index:
-        base = summary.loc[BASELINE]
-        summary["ttft_speedup_p50"] = base["ttft_p50_s"] / summary["ttft_p50_s"]
-        summary["ttft_speedup_mean"] = base["ttft_mean_s"] / summary["ttft_mean_s"]
-        summary["e2e_speedup_p50"] = base["e2e_p50_s"] / summary["e2e_p50_s"]
-    return summary
+    return pd.DataFrame(rows).set_index("mode")
+
+
+def first_turns(frame: pd.DataFrame, modes: Sequence[str]) -> pd.DataFrame:
+    """``summarize`` over the first turn of every conversation: the turn a restart or a fresh worker serves
+    cold unless a lower tier (disk, remote) holds its prefix."""
+    return summarize(frame[frame["turn"] == 1], [m for m in modes if (frame["mode"] == m).any()])
+
+
+def _tier_total(ok: pd.DataFrame, tier: str) -> float:
+    column = ok[f"hit_{tier}"]
+    return math.nan if column.isna().all() else float(column.sum())
+
+
+def _speedups(frame: pd.DataFrame, part: pd.DataFrame, ok: pd.DataFrame) -> dict[str, float]:
+    """TTFT and e2e speedups of one mode: the baseline's p50/mean over the same steps, over the mode's."""
+    base = _ok(frame[(frame["mode"] == BASELINE) & frame["step"].isin(part["step"])])
+    if base.empty:
+        return {}
+    ttft_p50, e2e_p50 = _quantile(ok["ttft_s"], 0.5), _quantile(ok["e2e_s"], 0.5)
+    ttft_mean = float(ok["ttft_s"].mean()) if len(ok) else math.nan
+    return {
+        "ttft_speedup_p50": _quantile(base["ttft_s"], 0.5) / ttft_p50,
+        "ttft_speedup_mean": float(base["ttft_s"].mean()) / ttft_mean,
+        "e2e_speedup_p50": _quantile(base["e2e_s"], 0.5) / e2e_p50,
+    }
 
 
 def by_group(frame: pd.DataFrame, key: str, modes: Sequence[str]) -> pd.DataFrame:

@@ -40,6 +40,7 @@ T = TypeVar("T")
 
 # Continuous batching logs each prefix hit at DEBUG level; it is the only public trace of its reuse.
 CB_LOGGER_NAME = "ContinuousBatchingLogger"
+FLUSH_TIMEOUT_S = 30
 _CB_HIT = re.compile(r"Found a prefix match of (\d+) tokens for request (\S+)")
 
 
@@ -52,6 +53,7 @@ class Generation:
     e2e_s: float
     hit_tokens: int | None  # prompt tokens reused; None when the mode cannot tell
     note: str | None = None
+    hit_tokens_by_tier: dict[str, int] | None = None  # where the hits came from (PrefixCache only)
 
 
 @dataclass
@@ -100,6 +102,21 @@ def greedy_config(model: torch.nn.Module, max_new_tokens: int) -> GenerationConf
 def cache_kwarg(model: torch.nn.Module) -> str:
     """``cache`` from transformers 5.24, ``past_key_values`` before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def redact_url(url: str) -> str:
+    """A Redis URL without its password (``user:password@``), for results.json and the report."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user + ':' if user else ''}***@{host}"
+
+
+def shown_tiers(tiers: dict[str, Any]) -> dict[str, Any]:
+    """The tier options as a report shows them: a remote URL without its password."""
+    return {key: redact_url(value) if key == "remote" else value for key, value in tiers.items()}
 
 
 def trim_at_stop(tokens: Sequence[int], stop_ids: set[int]) -> list[int]:
@@ -336,7 +353,7 @@ class PrefixCacheMode(Mode):
             self.notes.append(f"PrefixCache fell back to recomputation: {stats.fallback}")
         self.notes.append(f"{stats.num_blocks} blocks of {stats.block_size} tokens")
         if self.context.tiers:
-            self.notes.append(f"lower tiers: {self.context.tiers}")
+            self.notes.append(f"lower tiers: {shown_tiers(self.context.tiers)}")
 
     def reset_after_warmup(self) -> None:
         self.cache.clear()
@@ -345,15 +362,19 @@ class PrefixCacheMode(Mode):
     def generate(self, prompt_ids: list[int]) -> Generation:
         key = cache_kwarg(self.model)
         tokens, ttft, e2e = self._timed_generate(prompt_ids, lambda: {key: self.cache})
-        return Generation(tokens, ttft, e2e, self.cache.last_call.hit_tokens)
+        last = self.cache.last_call
+        return Generation(
+            tokens, ttft, e2e, last.hit_tokens, hit_tokens_by_tier=dict(last.hit_tokens_by_tier)
+        )
 
     def info(self) -> dict[str, Any]:
         stats = self.cache.stats.as_dict() if self.cache is not None else None
         return {**super().info(), "stats": stats}
 
     def close(self) -> None:
-        if self.cache is not None:
-            self.cache.flush(timeout=30)  # a disk tier's queued writes land before the run ends
+        if self.cache is not None and not self.cache.flush(timeout=FLUSH_TIMEOUT_S):
+            # a disk tier's queued writes land before the run ends (a restart replay reads them)
+            self.notes.append(f"queued tier writes were still pending after {FLUSH_TIMEOUT_S} s")
         if self.cache is not None and self._installed_here:
             hf_prefix_cache.uninstall(self.model)
 
@@ -363,6 +384,7 @@ MODES: dict[str, type[Mode]] = {
 }
 MODE_NAMES: tuple[str, ...] = tuple(MODES)
 BASELINE = Baseline.name
+PREFIX_CACHE = PrefixCacheMode.name
 
 
 def _kv_bytes_per_token(model: torch.nn.Module) -> int:

@@ -29,8 +29,25 @@ PLOT_FILES = {
     "ttft_vs_context": "ttft_vs_context.png",
     "hit_rate_by_turn": "hit_rate_by_turn.png",
 }
-COLORS = {"baseline": "#7f7f7f", "deepcopy": "#1f77b4", "cont_batching": "#ff7f0e", "prefix_cache": "#2ca02c"}
-MARKERS = {"baseline": "o", "deepcopy": "s", "cont_batching": "^", "prefix_cache": "D"}
+COLORS = {
+    "baseline": "#7f7f7f",
+    "deepcopy": "#1f77b4",
+    "cont_batching": "#ff7f0e",
+    "prefix_cache": "#2ca02c",
+    "restart": "#9467bd",
+}
+MARKERS = {"baseline": "o", "deepcopy": "s", "cont_batching": "^", "prefix_cache": "D", "restart": "P"}
+WORKER_COLORS = ("#d62728", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#393b79")
+
+
+def _color(mode: str) -> str | None:
+    if mode.startswith("worker") and mode[6:].isdigit():
+        return WORKER_COLORS[int(mode[6:]) % len(WORKER_COLORS)]
+    return COLORS.get(mode)
+
+
+def _marker(mode: str) -> str:
+    return "v" if mode.startswith("worker") else MARKERS.get(mode, "o")
 
 
 def write_plots(results: EvalResults, directory: str | Path) -> dict[str, Path]:
@@ -74,8 +91,8 @@ def plot_ttft_by_turn(ax: Axes, frame: pd.DataFrame, modes: Sequence[str]) -> No
             median,
             yerr=[median - low, high - median],
             label=_label(mode),
-            color=COLORS.get(mode),
-            marker=MARKERS.get(mode, "o"),
+            color=_color(mode),
+            marker=_marker(mode),
             capsize=3,
             linestyle="-",
         )
@@ -92,18 +109,18 @@ def plot_ttft_vs_context(ax: Axes, frame: pd.DataFrame, modes: Sequence[str], bi
     """Every measured turn as a point, and the median per context-length bin as a line."""
     for mode in modes:
         part = frame[frame["mode"] == mode]
-        color = COLORS.get(mode)
+        color = _color(mode)
         ax.scatter(
             part["prompt_tokens"],
             part["ttft_s"],
             s=12,
             alpha=0.35,
             color=color,
-            marker=MARKERS.get(mode, "o"),
+            marker=_marker(mode),
         )
         bins = (part["prompt_tokens"] // bin_tokens) * bin_tokens + bin_tokens / 2
         median = part.groupby(bins)["ttft_s"].median()
-        ax.plot(median.index, median.values, color=color, label=_label(mode), marker=MARKERS.get(mode, "o"))
+        ax.plot(median.index, median.values, color=color, label=_label(mode), marker=_marker(mode))
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel("TTFT (s)")
     ax.set_title(f"TTFT vs context length (median per {bin_tokens}-token bin)")
@@ -121,7 +138,7 @@ def plot_hit_rate_by_turn(ax: Axes, frame: pd.DataFrame, modes: Sequence[str]) -
         part = frame[frame["mode"] == mode].groupby("turn")[["hit_tokens", "prompt_tokens"]].sum()
         rate = (part["hit_tokens"] / part["prompt_tokens"]).reindex(turns)
         x = np.asarray(turns, dtype=float) + (index - (len(shown) - 1) / 2) * width
-        ax.bar(x, rate * 100, width=width, label=_label(mode), color=COLORS.get(mode))
+        ax.bar(x, rate * 100, width=width, label=_label(mode), color=_color(mode))
     ax.set_xticks(turns)
     ax.set_ylim(0, 100)
     ax.set_xlabel("turn of the conversation")
@@ -129,9 +146,10 @@ def plot_hit_rate_by_turn(ax: Axes, frame: pd.DataFrame, modes: Sequence[str]) -
     ax.set_title("Hit rate by turn")
     ax.grid(alpha=0.3, axis="y")
     if shown:
-        ax.set_ylim(0, 118)
+        columns = min(len(shown), 3)
+        ax.set_ylim(0, 100 + 18 * -(-len(shown) // columns))  # room above the bars for the legend rows
         ax.set_yticks(range(0, 101, 20))
-        ax.legend(fontsize="small", loc="upper center", ncol=len(shown))
+        ax.legend(fontsize="small", loc="upper center", ncol=columns)
     else:
         ax.text(0.5, 0.5, "no mode reported hits", ha="center", va="center", transform=ax.transAxes)
 
@@ -141,10 +159,13 @@ SHORT_LABELS = {
     "deepcopy": "deepcopy recipe",
     "cont_batching": "continuous batching",
     "prefix_cache": "hf_prefix_cache",
+    "restart": "restart (fresh process, disk tier)",
 }
 
 
 def _label(mode: str) -> str:
+    if mode.startswith("worker"):
+        return f"{mode} (remote tier)"
     return SHORT_LABELS.get(mode, mode)
 
 

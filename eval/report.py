@@ -56,6 +56,7 @@ def results_payload(results: EvalResults, frame: pd.DataFrame | None = None) -> 
         "wall_s": results.wall_s,
         "modes": results.modes,
         "summary": _rows(results.summary_frame().reset_index()),
+        "first_turns": _rows(results.first_turn_frame().reset_index()),
         "by_turn": _rows(metrics.by_group(frame, "turn", modes)),
         "by_context": _rows(metrics.by_group(frame, "context_bin", modes)),
         "stops": results.stops,
@@ -104,6 +105,12 @@ def format_report(results: EvalResults) -> str:
         "",
         _summary_table(results.summary_frame()),
     ]
+    if any(mode not in config.modes for mode in modes):  # a restart or workers ran in other processes
+        lines += [
+            "",
+            "first turn of each conversation (speedup vs baseline on the same turns; hit tokens by tier):",
+            _first_turn_table(results.first_turn_frame()),
+        ]
     for title, key in (("turn", "turn"), ("context length (prompt tokens)", "context_bin")):
         grouped = metrics.by_group(frame, key, modes)
         pivot = metrics.speedup_pivot(grouped, key, modes)
@@ -136,6 +143,23 @@ def _summary_table(summary: pd.DataFrame) -> str:
     )
     if summary["errors"].any():
         table["errors"] = summary["errors"]
+    return table.to_string()
+
+
+def _first_turn_table(summary: pd.DataFrame) -> str:
+    table = pd.DataFrame(
+        {
+            "turns": summary["turns"],
+            "TTFT p50": summary["ttft_p50_s"].map(_seconds),
+            "speedup p50": summary.get("ttft_speedup_p50", pd.Series(dtype=float)).map(_ratio),
+            "hit rate": summary["hit_rate"].map(_percent),
+            **{
+                tier: summary[f"hit_{tier}"].map(lambda v: "n/a" if pd.isna(v) else f"{int(v)}")
+                for tier in metrics.TIERS
+            },
+            "mismatches": summary["mismatches"].astype(str) + "/" + summary["turns"].astype(str),
+        }
+    )
     return table.to_string()
 
 

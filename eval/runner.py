@@ -27,13 +27,14 @@ from tqdm.auto import tqdm
 
 import hf_prefix_cache
 
-from . import metrics
+from . import metrics, subruns
 from .config import DEFAULT_SYSTEM_PROMPT, EvalConfig
 from .data import default_system_prompt, load_conversations
 from .metrics import TurnRecord
 from .models import load_model
 from .modes import BASELINE, MODES, ContinuousBatching, Generation, Mode, ModeContext, greedy_config
 from .replay import Replay, build_messages, render_prompt
+from .subruns import PlannedTurn
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +56,15 @@ class EvalResults:
     output_dir: Path | None = None
     files: dict[str, Path] = field(default_factory=dict)
     plot_paths: dict[str, Path] = field(default_factory=dict)
+    plan: list[PlannedTurn] = field(default_factory=list, repr=False)  # prompts and baseline outputs
 
     @property
     def measured_modes(self) -> list[str]:
-        return [name for name in self.config.modes if any(r.mode == name for r in self.records)]
+        """The configured modes that ran, then the other processes' (restart, worker0, ...) in order."""
+        seen = list(dict.fromkeys(r.mode for r in self.records))
+        return [name for name in self.config.modes if name in seen] + [
+            name for name in seen if name not in self.config.modes
+        ]
 
     def frame(self) -> pd.DataFrame:
         """All per-turn, per-mode records (the rows of results.csv)."""
@@ -73,6 +79,10 @@ class EvalResults:
     def summary_frame(self) -> pd.DataFrame:
         """One row per mode: TTFT/e2e p50, p90, mean, hit rate, mismatches, speedups vs the baseline."""
         return metrics.summarize(self.frame(), self.measured_modes)
+
+    def first_turn_frame(self) -> pd.DataFrame:
+        """``summary_frame`` over first turns only: what a restart or a fresh worker serves cold."""
+        return metrics.first_turns(self.frame(), self.measured_modes)
 
     def by_turn_frame(self) -> pd.DataFrame:
         return metrics.by_group(self.frame(), "turn", self.measured_modes)
@@ -95,11 +105,13 @@ def run_evaluation(config: EvalConfig | None = None, *, model=None, tokenizer=No
     config = config or EvalConfig()
     started = time.perf_counter()
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    key_prefix = f"hfpc-eval-{stamp}-{os.getpid()}"  # this run's keys on a Redis server
     load_before = load_average()  # other processes' CPU use, before this run adds its own
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     model_name = config.model
+    model_spec = subprocess_model_spec(config, passed_in=model is not None)
     if model is None or tokenizer is None:
         model, tokenizer = load_model(
             config.model, device=config.device, dtype=config.dtype, cache_dir=config.model_cache_dir
@@ -109,6 +121,11 @@ def run_evaluation(config: EvalConfig | None = None, *, model=None, tokenizer=No
     conversations = load_conversations(config.dataset, limit=config.conversations, max_turns=config.max_turns)
     if not conversations:
         raise ValueError(f"no conversations to replay in {config.dataset!r}")
+    if config.workers is not None and config.workers > len(conversations):
+        raise ValueError(
+            f"--workers {config.workers} is more than the {len(conversations)} conversation(s) selected: "
+            "lower --workers or raise --conversations"
+        )
     shared_system = resolve_system_prompt(config.system_prompt)
     context_limit = effective_context_limit(model, config)
     replay = Replay(
@@ -125,13 +142,7 @@ def run_evaluation(config: EvalConfig | None = None, *, model=None, tokenizer=No
         block_size=config.block_size,
         cache_memory=config.cache_memory,
         cache_blocks=config.cache_blocks,
-        tiers={
-            key: value
-            for key, value in dict(
-                host_memory=config.host_memory, disk=config.disk, disk_size=config.disk_size
-            ).items()
-            if value is not None
-        },
+        tiers=single_process_tiers(config, key_prefix),
         recipe_prefix=recipe_prefix(tokenizer, shared_system),
         max_request_tokens=replay.longest_prompt_estimate(config.max_new_tokens) + config.max_new_tokens,
     )
@@ -142,6 +153,7 @@ def run_evaluation(config: EvalConfig | None = None, *, model=None, tokenizer=No
     modes = [MODES[name](context) for name in config.modes]
     records: list[TurnRecord] = []
     turns: list[dict[str, Any]] = []
+    plan: list[PlannedTurn] = []  # the prompts and baseline outputs, for the replays in other processes
     try:
         _prepare_modes(modes, tokenizer, shared_system, config.warmup_calls)
         rng = random.Random(config.seed)
@@ -165,6 +177,16 @@ def run_evaluation(config: EvalConfig | None = None, *, model=None, tokenizer=No
                     _record(pending, name, position, generation, error, base)
                     for name, (position, generation, error) in outputs.items()
                 )
+                plan.append(
+                    PlannedTurn(
+                        pending.step,
+                        pending.conversation_id,
+                        pending.conversation_index,
+                        pending.turn,
+                        list(pending.prompt_ids),
+                        base.tokens,
+                    )
+                )
                 progress.update(1)
                 progress.set_postfix_str(_postfix(outputs), refresh=False)
         _finish_cb_hits(modes, records)
@@ -177,12 +199,22 @@ def run_evaluation(config: EvalConfig | None = None, *, model=None, tokenizer=No
                 logger.exception("closing %s failed", mode.name)
         if context.executor is not None:
             context.executor.shutdown()
+    warmup_prompt = render_prompt(tokenizer, build_messages(WARMUP_SYSTEM, [], WARMUP_USER))
+    if config.restart:  # the prefix_cache mode closed above: its disk writes are flushed
+        more, info = subruns.run_restart(config, model_spec, plan, warmup_prompt)
+        records += more
+        mode_info.update(info)
+    if config.workers is not None:
+        more, info = subruns.run_workers(config, model_spec, plan, warmup_prompt, f"{key_prefix}-workers")
+        records += more
+        mode_info.update(info)
     results = EvalResults(
         config=config,
         records=records,
         modes=mode_info,
         turns=turns,
         stops=[vars(stop) for stop in replay.stops],
+        plan=plan,
         environment={
             **environment(model, model_name, config, replay, context),
             "load_average_before": load_before,
@@ -196,6 +228,33 @@ def run_evaluation(config: EvalConfig | None = None, *, model=None, tokenizer=No
 
         write_outputs(results, run_dir)
     return results
+
+
+def single_process_tiers(config: EvalConfig, key_prefix: str) -> dict[str, Any]:
+    """The lower tiers of the single-process ``prefix_cache`` mode. ``--remote`` alone adds the Redis
+    tier, under this run's own key prefix (its warm-up clear deletes only this run's keys); with
+    ``--workers`` the server belongs to the workers."""
+    tiers = dict(host_memory=config.host_memory, disk=config.disk, disk_size=config.disk_size)
+    if config.remote is not None and config.workers is None:
+        tiers.update(remote=config.remote, key_prefix=key_prefix, remote_min_tokens=config.remote_min_tokens)
+    return {key: value for key, value in tiers.items() if value is not None}
+
+
+def subprocess_model_spec(config: EvalConfig, *, passed_in: bool) -> dict[str, Any] | None:
+    """How a restart or worker process loads the model: by ``config.model``, as this run does."""
+    if not (config.restart or config.workers):
+        return None
+    if passed_in and not Path(config.model).is_dir():
+        raise ValueError(
+            "restart and workers replay in fresh processes that load config.model: give a model folder "
+            "(save_pretrained), 'smollm2' or a hub id there, and do not pass model= to run_evaluation"
+        )
+    return {
+        "name": config.model,
+        "device": config.device,
+        "dtype": config.dtype,
+        "cache_dir": None if config.model_cache_dir is None else os.fspath(config.model_cache_dir),
+    }
 
 
 def _init_worker(threads: int | None) -> None:
@@ -298,6 +357,7 @@ def _record(pending, name: str, position: int, out: Generation | None, error: st
         e2e_s=out.e2e_s,
         new_tokens=len(out.tokens),
         match=out.tokens == base.tokens,
+        **metrics.tier_hits(out.hit_tokens_by_tier),
     )
 
 

@@ -106,6 +106,56 @@ def write_outputs_wrong_values() -> None:
     replace_function("hf_prefix_cache_eval.report", "write_outputs", make)
 
 
+def restart_without_disk() -> None:
+    """The eval's restart process gets the run's tiers without disk=: it starts cold."""
+
+    def make(restart_tiers):
+        def without_disk(config):
+            return {key: value for key, value in restart_tiers(config).items() if key != "disk"}
+
+        return without_disk
+
+    replace_function("hf_prefix_cache_eval.subruns", "restart_tiers", make)
+
+
+def workers_share_every_conversation() -> None:
+    """Every eval worker replays every conversation instead of its round-robin share."""
+
+    def make(split_round_robin):
+        def everything(plan, workers):
+            split_round_robin(plan, workers)
+            return [list(plan) for _ in range(workers)]
+
+        return everything
+
+    replace_function("hf_prefix_cache_eval.subruns", "split_round_robin", make)
+
+
+def eval_remote_alone_ignored() -> None:
+    """--remote without --workers leaves the eval's prefix_cache mode without the Redis tier."""
+
+    def make(single_process_tiers):
+        def without_remote(config, key_prefix):
+            tiers = single_process_tiers(config, key_prefix)
+            return {k: v for k, v in tiers.items() if k not in ("remote", "key_prefix", "remote_min_tokens")}
+
+        return without_remote
+
+    replace_function("hf_prefix_cache_eval.runner", "single_process_tiers", make)
+
+
+def subrun_match_always_true() -> None:
+    """Turns replayed in other processes are never compared with the baseline's output."""
+
+    def make(records):
+        def all_match(*args, **kwargs):
+            return [dataclasses.replace(r, match=True) for r in records(*args, **kwargs)]
+
+        return all_match
+
+    replace_function("hf_prefix_cache_eval.subruns", "_records", make)
+
+
 def match_capped_at_one_block() -> None:
     from hf_prefix_cache import BlockStore
 
@@ -418,6 +468,7 @@ CORE = "tests/test_core_exactness.py"
 API = "tests/test_core_api.py"
 BATCHES = "tests/test_batches_strategies.py"
 FALLBACKS = "tests/test_fallbacks.py"
+EVAL_TIERS = "tests/test_eval_tiers.py"
 
 MUTANTS: list[Mutant] = [
     Mutant(
@@ -441,6 +492,33 @@ MUTANTS: list[Mutant] = [
         "results.csv and results.json hold the measured values",
         write_outputs_wrong_values,
         ("tests/test_eval_harness.py::test_report_files_hold_the_results",),
+    ),
+    Mutant(
+        "restart_without_disk",
+        "the eval's --restart process reads the disk tier the run filled",
+        restart_without_disk,
+        (
+            f"{EVAL_TIERS}::test_restart_turns_hit_the_disk_tier_and_match_the_baseline",
+            f"{EVAL_TIERS}::test_report_and_results_json_carry_the_other_processes[restart_run-modes0]",
+        ),
+    ),
+    Mutant(
+        "workers_share_every_conversation",
+        "the eval's --workers split the conversations into disjoint round-robin shares",
+        workers_share_every_conversation,
+        (f"{EVAL_TIERS}::test_workers_replay_disjoint_conversations_and_share_the_system_prompt",),
+    ),
+    Mutant(
+        "eval_remote_alone_ignored",
+        "the eval's --remote alone gives the prefix_cache mode the Redis tier",
+        eval_remote_alone_ignored,
+        (f"{EVAL_TIERS}::test_remote_alone_gives_the_single_process_mode_the_redis_tier",),
+    ),
+    Mutant(
+        "subrun_match_always_true",
+        "outputs of the restart and worker processes are checked against the baseline",
+        subrun_match_always_true,
+        (f"{EVAL_TIERS}::test_subprocess_outputs_are_checked_against_the_baseline",),
     ),
     Mutant(
         "match_capped_at_one_block",
