@@ -646,7 +646,10 @@ MUTANTS: list[Mutant] = [
         "decode_trusts_replaced_views",
         "a decode step adopts keys/values that beam search or crop replaced",
         decode_trusts_replaced_views,
-        ("tests/test_matrix.py::test_strategy_single[beam3_n2-llama]",),
+        (
+            "tests/test_on_demand.py::test_a_full_layer_follows_every_replacement_of_its_keys_like_a_dynamic_layer",
+            "tests/test_matrix.py::test_strategy_single[beam3_n2-llama]",
+        ),
     ),
 ]
 
