@@ -225,9 +225,11 @@ def call_overhead(model, tokens: int, repeats: int) -> dict:
             cache.prepare(ids, max_new_tokens=1)
             lookup = cache.last_call.lookup_s
             loaded = cache.get_seq_length()
-            for index, layer in enumerate(cache.layers):
-                layer.update(kv[index][:, :, loaded:], kv[index][:, :, loaded:])
+            for index in range(len(cache.layers)):  # through the cache, which vouches for the K/V
+                cache.update(kv[index][:, :, loaded:], kv[index][:, :, loaded:], index)
             stats = cache.commit()
+            if phase == "cold" and stats.stored_blocks * cache.block_size < tokens - cache.block_size:
+                raise RuntimeError(f"the cold call stored {stats.stored_blocks} blocks: {stats.refused}")
             if repeat:  # the first round warms the allocator up
                 (cold if phase == "cold" else warm).append(lookup)
                 if phase == "cold":
