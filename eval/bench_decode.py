@@ -11,8 +11,9 @@ section records the load average, and only ratios measured in the same run mean 
   (``DynamicCache``), ``cache_implementation="static"`` and a warm ``PrefixCache``; the step time is the
   median gap between consecutive tokens inside one call, so the prefill is excluded;
 * ``overhead``     - ``lookup_s`` / ``store_s`` at 2k/8k (SmolLM2) and 32k (a tiny Llama) prompt tokens,
-  ``WeightsWatch.changed()`` on 272 (SmolLM2) and 362 (a 40-layer tiny Llama) parameter tensors, and
-  ``hash_blocks`` tokens/s.
+  ``WeightsWatch.changed()`` on 272 (SmolLM2) and 362 (a 40-layer tiny Llama) parameter tensors,
+  ``hash_blocks`` tokens/s, and the cost of one cache ``update()`` per layer per decode step (the
+  cache's own work, without the model) for ``DynamicCache``, ``StaticCache`` and ``PrefixCache``.
 
 Run ``python -m hf_prefix_cache_eval.bench_decode [--quick] [--json out.json]``.
 """
@@ -29,12 +30,20 @@ import statistics
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    AutoModelForCausalLM,
+    DynamicCache,
+    LlamaConfig,
+    StaticCache,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from hf_prefix_cache import PrefixCache
 from hf_prefix_cache.compat import CACHE_KWARG
 from hf_prefix_cache.fingerprint import WeightsWatch
 from hf_prefix_cache.hashing import hash_blocks, root_hash
+from hf_prefix_cache.layout import run_probe
 
 from . import bench_ttft
 from .models import load_model
@@ -59,7 +68,15 @@ def text_ids(tokenizer, count: int, skip: int = 0) -> list[int]:
 # -- construction ----------------------------------------------------------------------------------
 def bench_construction(model, tokenizer, budgets: list[str], repeats: int) -> dict:
     out: dict = {"load_before": load_average(), "budgets": {}}
-    PrefixCache(model, max_memory="256MiB", install=False)  # warm-up: the probe's first forward
+    start = time.perf_counter()
+    PrefixCache(model, max_memory="256MiB", install=False)  # the first on this model: runs the probe
+    out["first_construct_ms"] = (time.perf_counter() - start) * 1000
+    probes = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run_probe(model)
+        probes.append(time.perf_counter() - start)
+    out["probe_forward_ms"] = statistics.median(probes) * 1000
     for budget in budgets:
         times, rss_growth = [], []
         for _ in range(repeats):
@@ -120,7 +137,10 @@ class StepClock(StoppingCriteria):
         return statistics.median(gaps) * 1000
 
 
-def bench_decode(model, tokenizer, contexts: list[int], new_tokens: int, seed: int = 0) -> dict:
+def bench_decode(
+    model, tokenizer, contexts: list[int], new_tokens: int, seed: int = 0, repeats: int = 1
+) -> dict:
+    """Per context, ``repeats`` rounds of the three modes in a new random order each; medians per mode."""
     cache = PrefixCache(model, max_memory="2GiB")
     modes = ("no_cache", "static", "prefix_cache")
     order = random.Random(seed)
@@ -149,15 +169,18 @@ def bench_decode(model, tokenizer, contexts: list[int], new_tokens: int, seed: i
             "prefix_cache": {CACHE_KWARG: cache},
         }
         row: dict = {"load": load_average()}
-        outputs = {}
-        shuffled = list(modes)
-        order.shuffle(shuffled)
-        for mode in shuffled:
-            clock = StepClock()
-            outputs[mode] = model.generate(
-                prompt, stopping_criteria=StoppingCriteriaList([clock]), **kwargs, **extra[mode]
-            )
-            row[mode] = clock.step_ms()
+        outputs, steps = {}, {mode: [] for mode in modes}
+        for _ in range(repeats):
+            shuffled = list(modes)
+            order.shuffle(shuffled)
+            for mode in shuffled:
+                clock = StepClock()
+                outputs[mode] = model.generate(
+                    prompt, stopping_criteria=StoppingCriteriaList([clock]), **kwargs, **extra[mode]
+                )
+                steps[mode].append(clock.step_ms())
+        for mode in modes:
+            row[mode], row[f"{mode}_all"] = statistics.median(steps[mode]), steps[mode]
         row["hit_tokens"] = cache.last_call.hit_tokens
         row["same_tokens"] = all(torch.equal(outputs[m], outputs["no_cache"]) for m in modes)
         row["prefix_cache / no_cache"] = row["prefix_cache"] / row["no_cache"]
@@ -165,7 +188,8 @@ def bench_decode(model, tokenizer, contexts: list[int], new_tokens: int, seed: i
         results[context] = row
         print(
             f"  decode at {context:5d}: no cache {row['no_cache']:.2f}  static {row['static']:.2f}  "
-            f"ours {row['prefix_cache']:.2f} ms/token  (load {row['load']:.2f})",
+            f"ours {row['prefix_cache']:.2f} ms/token; ours/no cache {row['prefix_cache / no_cache']:.3f}, "
+            f"ours/static {row['prefix_cache / static']:.3f}  (load {row['load']:.2f})",
             flush=True,
         )
     return results
@@ -201,9 +225,11 @@ def call_overhead(model, tokens: int, repeats: int) -> dict:
             cache.prepare(ids, max_new_tokens=1)
             lookup = cache.last_call.lookup_s
             loaded = cache.get_seq_length()
-            for index, layer in enumerate(cache.layers):
-                layer.update(kv[index][:, :, loaded:], kv[index][:, :, loaded:])
+            for index in range(len(cache.layers)):  # through the cache, which vouches for the K/V
+                cache.update(kv[index][:, :, loaded:], kv[index][:, :, loaded:], index)
             stats = cache.commit()
+            if phase == "cold" and stats.stored_blocks * cache.block_size < tokens - cache.block_size:
+                raise RuntimeError(f"the cold call stored {stats.stored_blocks} blocks: {stats.refused}")
             if repeat:  # the first round warms the allocator up
                 (cold if phase == "cold" else warm).append(lookup)
                 if phase == "cold":
@@ -231,6 +257,39 @@ def weights_watch_ms(model, repeats: int = 200) -> dict:
         watch.changed()
         times.append(time.perf_counter() - start)
     return {"parameters": len(watch.parameters), "ms": statistics.median(times) * 1000}
+
+
+def update_overhead(model, context: int, steps: int = 64, rounds: int = 5) -> dict:
+    """Microseconds per layer per decode step spent in ``cache.update`` (the cache's own work: bookkeeping
+    and appending one slot), for each cache on the model's K/V shapes, interleaved round by round."""
+    cache = PrefixCache(model, num_blocks=1, install=False)
+    layouts = cache.store.layouts
+    prefill = [torch.randn(1, x.num_heads, context, x.head_dim, dtype=x.dtype) for x in layouts]
+    step = [torch.randn(1, x.num_heads, 1, x.head_dim, dtype=x.dtype) for x in layouts]
+    prompt = torch.ones(1, context, dtype=torch.long)
+
+    def make(kind):
+        if kind == "dynamic":
+            return DynamicCache(config=model.config)
+        if kind == "static":
+            return StaticCache(config=model.config, max_cache_len=context + steps)
+        return cache.prepare(prompt, max_new_tokens=steps)
+
+    times: dict[str, list[float]] = {"dynamic": [], "static": [], "prefix_cache": []}
+    for _ in range(rounds):
+        for kind in times:
+            target = make(kind)
+            for index, kv in enumerate(prefill):
+                target.update(kv, kv, index)
+            start = time.perf_counter()
+            for _ in range(steps):
+                for index, kv in enumerate(step):
+                    target.update(kv, kv, index)
+            times[kind].append((time.perf_counter() - start) / steps / len(layouts))
+            if kind == "prefix_cache":
+                cache.release()
+    out = {kind: statistics.median(values) * 1e6 for kind, values in times.items()}
+    return {"context": context, "layers": len(layouts), "us_per_layer_step": out, "load": load_average()}
 
 
 def hashing_rate(tokens: int = 32768, block_size: int = 16, repeats: int = 20) -> dict:
@@ -265,6 +324,7 @@ def bench_overhead(smollm2, quick: bool) -> dict:
         {"model": "tiny-llama-40-layers", **weights_watch_ms(tiny_llama(layers=40, positions=128))},
     ]
     out["hash_blocks"] = hashing_rate()
+    out["update_per_step"] = [update_overhead(smollm2, context) for context in (1000, 8000)]
     out["load"] = load_average()
     return out
 
@@ -276,6 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats, contexts 1k and 2k only")
     parser.add_argument(
         "--new-tokens", type=int, default=32, help="decode steps per measurement (default 32)"
+    )
+    parser.add_argument(
+        "--decode-repeats",
+        type=int,
+        default=1,
+        help="rounds of the three decode modes per context (default 1)",
     )
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument(
@@ -294,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
         print("construction", flush=True)
         result["construction"] = bench_construction(
             model, tokenizer, ["256MiB", "1GiB", "8GiB"], 3 if args.quick else 5
+        )
+        built = result["construction"]
+        print(
+            f"  first PrefixCache on the model (probe forward): {built['first_construct_ms']:.1f} ms; "
+            f"the probe forward alone {built['probe_forward_ms']:.1f} ms; later ones reuse it:"
         )
         for budget, row in result["construction"]["budgets"].items():
             print(
@@ -321,13 +392,21 @@ def main(argv: list[str] | None = None) -> int:
         contexts = [1000, 2000] if args.quick else [1000, 2000, 4000, 8000]
         if args.contexts:
             contexts = [int(c) for c in args.contexts.split(",")]
-        result["decode"] = bench_decode(model, tokenizer, contexts, args.new_tokens)
+        result["decode"] = bench_decode(
+            model, tokenizer, contexts, args.new_tokens, repeats=args.decode_repeats
+        )
 
     if "overhead" in sections:
         print("per-call overhead", flush=True)
         result["overhead"] = bench_overhead(model, args.quick)
         for row in result["overhead"]["weights_watch"]:
             print(f"  WeightsWatch.changed() on {row['parameters']} tensors: {row['ms']:.3f} ms")
+        for row in result["overhead"]["update_per_step"]:
+            us = row["us_per_layer_step"]
+            print(
+                f"  update() per layer per decode step at {row['context']}: DynamicCache {us['dynamic']:.1f} us, "
+                f"StaticCache {us['static']:.1f} us, PrefixCache {us['prefix_cache']:.1f} us (load {row['load']:.2f})"
+            )
         rate = result["overhead"]["hash_blocks"]
         print(
             f"  hash_blocks: {rate['tokens_per_s'] / 1e6:.1f} M tokens/s ({rate['ms']:.2f} ms for {rate['tokens']} tokens)"

@@ -1,9 +1,14 @@
 """Block bookkeeping without tensors: ids, ref counts, the hash table and LRU eviction.
 
-Modelled on vLLM v1's ``block_pool.py``: every block is preallocated, a referenced block is never
-evicted, unreferenced blocks wait in an LRU queue (an ``OrderedDict``, so removal from the middle,
-append and pop are O(1)) and keep their hash until they are reused. A chain is released tail first, so
-the tail of a chain is evicted before its parents.
+Modelled on vLLM v1's ``block_pool.py``: a referenced block is never evicted, unreferenced blocks wait
+in an LRU queue (an ``OrderedDict``, so removal from the middle, append and pop are O(1)) and keep their
+hash until they are reused. A chain is released tail first, so the tail of a chain is evicted before its
+parents.
+
+Blocks are made on first use, not up front (an 8 GiB pool has ~10^4 blocks: making them all cost
+milliseconds per construction). The order blocks are handed out in is that of a queue holding every
+block from the start: empty released blocks first, then never-used ids lowest first (so the K/V pages
+the pool touches stay packed, see ``kv_pool.py``), and only then the least recently used cached block.
 """
 
 from __future__ import annotations
@@ -34,13 +39,18 @@ class Block:
 
 
 class BlockPool:
-    """Fixed set of blocks with ref counts, a verified hash table and an LRU queue of free blocks."""
+    """Fixed set of blocks with ref counts, a verified hash table and an LRU queue of free blocks.
+
+    ``blocks`` holds the blocks used so far (ids ``0..len(blocks) - 1``); ``free`` the unreferenced ones
+    among them, empty ones in front. Ids from ``len(blocks)`` on were never used and are free too.
+    """
 
     def __init__(self, num_blocks: int):
         if num_blocks < 1:
             raise ValueError(f"a block pool needs at least one block, got num_blocks={num_blocks}")
-        self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self._num_blocks = num_blocks
+        self.blocks: list[Block] = []
+        self.free: OrderedDict[int, Block] = OrderedDict()
         self.table: dict[BlockHash, Block] = {}
         self.evictions = 0
         # called with a cached block just before allocate() reuses it (lets a lower tier keep a copy)
@@ -48,7 +58,12 @@ class BlockPool:
 
     @property
     def num_blocks(self) -> int:
-        return len(self.blocks)
+        return self._num_blocks
+
+    @property
+    def num_free(self) -> int:
+        """Unreferenced blocks, cached or not, never-used ones included."""
+        return len(self.free) + self._num_blocks - len(self.blocks)
 
     @property
     def num_cached(self) -> int:
@@ -73,9 +88,9 @@ class BlockPool:
 
     def allocate(self) -> Block | None:
         """A referenced, empty block: the least recently used free one, evicted if cached. None if all are in use."""
-        if not self.free:
+        block = self._take_free()
+        if block is None:
             return None
-        _, block = self.free.popitem(last=False)
         if block.block_hash is not None:
             if self.on_evict is not None:
                 self.on_evict(block)
@@ -83,6 +98,18 @@ class BlockPool:
             self.evictions += 1
         block.ref_count = 1
         return block
+
+    def _take_free(self) -> Block | None:
+        """The next free block: an empty released one, else a never-used one, else the LRU cached one."""
+        if self.free:
+            first = self.free[next(iter(self.free))]
+            if first.block_hash is None or len(self.blocks) == self._num_blocks:
+                return self.free.pop(first.block_id)
+        if len(self.blocks) < self._num_blocks:
+            block = Block(len(self.blocks))
+            self.blocks.append(block)
+            return block
+        return None
 
     def cache(self, block: Block, block_hash: BlockHash, key: BlockKey) -> None:
         """Publish ``block`` under ``block_hash``; an unreferenced stale or colliding entry is dropped first."""

@@ -28,6 +28,10 @@ class PrefixFullLayer(DynamicLayer):
         self.reserve = 0  # slots to allocate for up front (prompt + new tokens); 0: as needed, then doubling
         self._key_buffer: torch.Tensor | None = None
         self._value_buffer: torch.Tensor | None = None
+        # the views last handed out as ``keys``/``values``: while they are still in place, nothing replaced
+        # them and a decode step may skip re-checking that they are views of the buffers
+        self._shown_keys: torch.Tensor | None = None
+        self._shown_values: torch.Tensor | None = None
 
     def prefix_slots(
         self, rows: int, length: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
@@ -36,10 +40,32 @@ class PrefixFullLayer(DynamicLayer):
         self.reset()
         self._ensure_buffers(rows, heads, head_dim, dtype, device, max(length, self.reserve), keep=0)
         self.device, self.is_initialized = device, True
-        self.keys, self.values = self._key_buffer[:, :, :length], self._value_buffer[:, :, :length]
-        return self.keys, self.values
+        return self._show(length)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        # The decode step: our own views are still in place and the new slots fit the buffers as they are.
+        # Only ``narrow`` and ``copy_`` (indexing with slices costs several times more per layer per step).
+        keys, buffer, shape = self.keys, self._key_buffer, key_states.shape
+        if (
+            keys is self._shown_keys
+            and keys is not None
+            and self.values is self._shown_values
+            and shape == value_states.shape
+            and shape[:2] == buffer.shape[:2]
+            and shape[3:] == buffer.shape[3:]
+            and key_states.dtype == buffer.dtype == value_states.dtype
+            and key_states.device == buffer.device == value_states.device
+        ):
+            length = keys.shape[2]
+            end = length + shape[2]
+            if end <= buffer.shape[2]:
+                buffer.narrow(2, length, end - length).copy_(key_states)
+                self._value_buffer.narrow(2, length, end - length).copy_(value_states)
+                return self._show(end)
+        return self._update_checked(key_states, value_states, *args, **kwargs)
+
+    def _update_checked(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Any update: adopts whatever replaced ``keys``/``values``, grows the buffers, or falls back."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if value_states.shape[-1] != key_states.shape[-1] or value_states.dtype != key_states.dtype:
@@ -50,9 +76,14 @@ class PrefixFullLayer(DynamicLayer):
         end = length + key_states.shape[-2]
         rows, heads, _, head_dim = key_states.shape
         self._ensure_buffers(rows, heads, head_dim, key_states.dtype, key_states.device, end, keep=length)
-        self._key_buffer[:, :, length:end].copy_(key_states)
-        self._value_buffer[:, :, length:end].copy_(value_states)
-        self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
+        self._key_buffer.narrow(2, length, end - length).copy_(key_states)
+        self._value_buffer.narrow(2, length, end - length).copy_(value_states)
+        return self._show(end)
+
+    def _show(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expose the first ``length`` slots of the buffers as ``keys``/``values`` (views, no copy)."""
+        self.keys = self._shown_keys = self._key_buffer.narrow(2, 0, length)
+        self.values = self._shown_values = self._value_buffer.narrow(2, 0, length)
         return self.keys, self.values
 
     def captured(self) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -77,7 +108,7 @@ class PrefixFullLayer(DynamicLayer):
         self._ensure_buffers(rows, heads, head_dim, keys.dtype, keys.device, length, keep=0)
         self._key_buffer[:, :, :length].copy_(keys)
         self._value_buffer[:, :, :length].copy_(values)
-        self.keys, self.values = self._key_buffer[:, :, :length], self._value_buffer[:, :, :length]
+        self._show(length)
         return length
 
     def _aliases_buffers(self, tensor: torch.Tensor) -> bool:
@@ -122,7 +153,7 @@ class PrefixFullLayer(DynamicLayer):
     def release_buffers(self) -> None:
         """Free the buffers kept for the next call."""
         self.reset()
-        self._key_buffer = self._value_buffer = None
+        self._key_buffer = self._value_buffer = self._shown_keys = self._shown_values = None
 
 
 class PrefixSlidingLayer(DynamicSlidingWindowLayer):

@@ -3,10 +3,17 @@
 Probing beats reading configs: head counts, head sizes, dtypes and devices (accelerate may put layers on
 different devices) vary across model families, and the probe also reveals layers the store cannot
 serve (recurrent state, KV sharing, indexers).
+
+The forward pass reads every weight once (tens of milliseconds for a small model on CPU), so its result is
+kept per model object and reused while nothing it depends on changed: the same parameter and buffer
+objects with the same dtypes and devices, the same input device and the same config. Anything else (a
+cast, a move, a replaced module, an edited config) probes again.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +41,56 @@ class UnsupportedLayout(Exception):
     """The model's cache has layers that token blocks cannot reproduce."""
 
 
+class _Probed:
+    """One probe's result and what it depended on; tensors are held weakly (a dead one never matches)."""
+
+    def __init__(self, tensors: list[torch.Tensor], fingerprint: tuple, result):
+        self.tensors = [weakref.ref(t) for t in tensors]
+        self.dtypes_and_devices = [(t.dtype, t.device) for t in tensors]
+        self.fingerprint = fingerprint
+        self.result = result
+
+    def still_valid(self, tensors: list[torch.Tensor], fingerprint: tuple) -> bool:
+        if fingerprint != self.fingerprint or len(tensors) != len(self.tensors):
+            return False
+        for tensor, ref, (dtype, device) in zip(tensors, self.tensors, self.dtypes_and_devices):
+            if ref() is not tensor or tensor.dtype != dtype or tensor.device != device:
+                return False
+        return True
+
+
+_probed: weakref.WeakKeyDictionary[torch.nn.Module, _Probed] = weakref.WeakKeyDictionary()
+_probed_lock = threading.Lock()
+
+
 def probe_layout(model: torch.nn.Module) -> list[LayerLayout]:
+    """Every cache layer of ``model`` as a probe forward finds it (reused while the model is unchanged);
+    raise UnsupportedLayout if the store cannot serve it."""
+    tensors = [*model.parameters(), *model.buffers()]
+    fingerprint = _structure_fingerprint(model)
+    with _probed_lock:
+        known = _probed.get(model)
+    if known is not None and known.still_valid(tensors, fingerprint):
+        result = known.result
+    else:
+        try:
+            result = run_probe(model)
+        except UnsupportedLayout as error:
+            result = error
+        with _probed_lock:
+            _probed[model] = _Probed(tensors, fingerprint, result)
+    if isinstance(result, UnsupportedLayout):
+        raise UnsupportedLayout(str(result))
+    return list(result)
+
+
+def _structure_fingerprint(model: torch.nn.Module) -> tuple:
+    """What besides the tensors decides the probe's answer: the input device and every config field."""
+    configs = [model.config, model.config.get_text_config(decoder=True)]
+    return (str(_input_device(model)), *(repr(sorted(vars(config).items())) for config in configs))
+
+
+def run_probe(model: torch.nn.Module) -> list[LayerLayout]:
     """Run one token through ``model`` and describe every cache layer; raise UnsupportedLayout if needed."""
     config = model.config.get_text_config(decoder=True)
     token = getattr(config, "bos_token_id", None)

@@ -132,3 +132,39 @@ def test_without_a_length_hint_the_buffers_grow_by_doubling():
     assert cache.get_seq_length() == 128
     moves = sum(1 for a, b in itertools.pairwise(places) if a != b)
     assert moves <= 4  # 8 -> 16 -> 32 -> 64 -> 128 slots: a copy per doubling, not per token
+
+
+def test_a_full_layer_follows_every_replacement_of_its_keys_like_a_dynamic_layer():
+    """The decode fast path trusts only the views the layer handed out itself: after beam reordering,
+    crop, batch repetition or selection replaced them, the layer holds exactly what a DynamicLayer holds."""
+    from transformers.cache_utils import DynamicLayer
+
+    from hf_prefix_cache.layers import PrefixFullLayer
+
+    generator = torch.Generator().manual_seed(0)
+
+    def kv(rows, slots):
+        return torch.randn(rows, 2, slots, 8, generator=generator)
+
+    ours, reference = PrefixFullLayer(), DynamicLayer()
+    ours.reserve = 64
+
+    def both_update(rows, slots):
+        keys, values = kv(rows, slots), kv(rows, slots)
+        got = ours.update(keys, values)
+        expected = reference.update(keys, values)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+    both_update(2, 5)
+    both_update(2, 1)
+    for operation in (
+        lambda layer: layer.reorder_cache(torch.tensor([1, 0])),
+        lambda layer: layer.crop(-2),
+        lambda layer: layer.batch_repeat_interleave(2),
+        lambda layer: layer.batch_select_indices(torch.tensor([3, 0, 1])),
+    ):
+        operation(ours)
+        operation(reference)
+        both_update(ours.keys.shape[0], 1)
+        both_update(ours.keys.shape[0], 1)
+    assert torch.equal(ours.keys, reference.keys) and torch.equal(ours.values, reference.values)

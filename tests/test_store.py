@@ -123,11 +123,28 @@ def test_capacity_is_never_exceeded_and_references_balance(prompts):
         store_tokens(store, tokens)
         assert store.pool.num_cached <= 5
         assert store.pool.num_referenced == 0
-        assert len(store.pool.free) == 5
+        assert store.pool.num_free == 5
         blocks = match(store, tokens)
         # 5 blocks always hold the (at most 3-block) chain just stored: all of it matches, block for block
         assert len(blocks) == len(tokens) // BLOCK
         assert all(b.key[1] == tuple(tokens[i * BLOCK : (i + 1) * BLOCK]) for i, b in enumerate(blocks))
+
+
+def test_blocks_go_out_empty_first_then_never_used_lowest_first_then_least_recently_used():
+    """Blocks are made on first use; the order is still that of one queue holding them all from the start,
+    so no cached block is evicted while a never-used one is left, and touched K/V pages stay packed."""
+    pool = BlockPool(4)
+    assert pool.blocks == [] and pool.num_free == 4  # nothing made up front
+    first, second = pool.allocate(), pool.allocate()
+    assert (first.block_id, second.block_id) == (0, 1)
+    pool.cache(first, b"first", (("root", "ns"), (1,), ()))
+    pool.release([first])  # cached: waits at the back of the queue
+    pool.release([second])  # empty: handed out before anything else
+    assert pool.num_free == 4 and pool.num_referenced == 0
+    assert pool.allocate() is second
+    assert [pool.allocate().block_id for _ in range(2)] == [2, 3] and pool.evictions == 0
+    assert pool.allocate() is first and pool.evictions == 1 and pool.num_cached == 0
+    assert pool.allocate() is None and pool.num_free == 0 and pool.num_referenced == 4
 
 
 def test_release_more_than_referenced_is_an_error():

@@ -464,6 +464,53 @@ def decode_concatenates() -> None:
     PrefixFullLayer.update = concatenating
 
 
+# -- issue 11 follow-up: cheap construction, cheap decode steps ------------------------------------------
+def probe_reused_after_a_change() -> None:
+    """A kept probe result is served for a model that was cast, edited or had a tensor replaced since."""
+    from hf_prefix_cache import layout
+
+    layout._Probed.still_valid = lambda self, tensors, fingerprint: True
+
+
+def probe_never_reused() -> None:
+    """Every PrefixCache runs the probe forward again, even for an unchanged model."""
+    from hf_prefix_cache import layout
+
+    layout._Probed.still_valid = lambda self, tensors, fingerprint: False
+
+
+def never_used_blocks_after_eviction() -> None:
+    """The lazily made pool evicts the least recently used cached block while never-used ids are left."""
+    from hf_prefix_cache.block_pool import Block, BlockPool
+
+    def evicting_first(self):
+        if self.free and self.free[next(iter(self.free))].block_hash is not None:
+            return self.free.popitem(last=False)[1]
+        if self.free:
+            return self.free.popitem(last=False)[1]
+        if len(self.blocks) < self._num_blocks:
+            self.blocks.append(Block(len(self.blocks)))
+            return self.blocks[-1]
+        return None
+
+    BlockPool._take_free = evicting_first
+
+
+def decode_trusts_replaced_views() -> None:
+    """A decode step appends to the layer's buffers even after beam search replaced ``keys``/``values``."""
+    from hf_prefix_cache.layers import PrefixFullLayer
+
+    update = PrefixFullLayer.update
+
+    def trusting(self, key_states, value_states, *args, **kwargs):
+        buffer = self._key_buffer
+        if buffer is not None and self.keys is not None and self.keys.shape[2] <= buffer.shape[2]:
+            self._shown_keys, self._shown_values = self.keys, self.values
+        return update(self, key_states, value_states, *args, **kwargs)
+
+    PrefixFullLayer.update = trusting
+
+
 CORE = "tests/test_core_exactness.py"
 API = "tests/test_core_api.py"
 BATCHES = "tests/test_batches_strategies.py"
@@ -706,6 +753,39 @@ MUTANTS: list[Mutant] = [
         "decode steps append in place without copying the context",
         decode_concatenates,
         ("tests/test_on_demand.py::test_decode_steps_append_in_place_without_copying_the_context[llama]",),
+    ),
+    Mutant(
+        "probe_reused_after_a_change",
+        "the probe runs again after a cast, a config edit or a replaced tensor",
+        probe_reused_after_a_change,
+        (
+            "tests/test_construction.py::test_the_probe_runs_again_after_the_model_changed_and_the_new_cache_is_exact[llama-cast_to_float64]",
+            "tests/test_construction.py::test_the_probe_runs_again_after_the_model_changed_and_the_new_cache_is_exact[mistral-shrink_the_window]",
+            "tests/test_construction.py::test_the_probe_runs_again_after_the_model_changed_and_the_new_cache_is_exact[llama-replace_a_projection]",
+        ),
+    ),
+    Mutant(
+        "probe_never_reused",
+        "an unchanged model is probed once, however many caches are made for it",
+        probe_never_reused,
+        ("tests/test_construction.py::test_a_second_cache_on_an_unchanged_model_reuses_the_probe",),
+    ),
+    Mutant(
+        "never_used_blocks_after_eviction",
+        "no cached block is evicted while a never-used block is left",
+        never_used_blocks_after_eviction,
+        (
+            "tests/test_store.py::test_blocks_go_out_empty_first_then_never_used_lowest_first_then_least_recently_used",
+        ),
+    ),
+    Mutant(
+        "decode_trusts_replaced_views",
+        "a decode step adopts keys/values that beam search or crop replaced",
+        decode_trusts_replaced_views,
+        (
+            "tests/test_on_demand.py::test_a_full_layer_follows_every_replacement_of_its_keys_like_a_dynamic_layer",
+            "tests/test_matrix.py::test_strategy_single[beam3_n2-llama]",
+        ),
     ),
 ]
 
