@@ -50,7 +50,8 @@ class KVPool:
     def _ids(self, block_ids: list[int], device: torch.device) -> torch.Tensor:
         return torch.tensor(block_ids, dtype=torch.long, device=device)
 
-    def _mark_written(self, block_ids: list[int]) -> None:
+    def mark_written(self, block_ids: list[int]) -> None:
+        """Count ``block_ids`` as committed memory (idempotent)."""
         for block_id in block_ids:
             if not self._written[block_id]:
                 self._written[block_id] = 1
@@ -75,7 +76,7 @@ class KVPool:
 
     def write(self, layer: int, block_ids: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store ``keys``/``values`` (``[heads, len(block_ids) * block_size, head_dim]``) into ``block_ids``."""
-        self._mark_written(block_ids)
+        self.mark_written(block_ids)
         pool_k, pool_v = self.keys[layer], self.values[layer]
         heads, _, block_size, head_dim = pool_k.shape
         shape = (heads, len(block_ids), block_size, head_dim)
@@ -104,6 +105,6 @@ class KVPool:
         if not direct:
             self.write(layer, block_ids, torch.cat(keys, dim=1), torch.cat(values, dim=1))
             return
-        self._mark_written(block_ids)
+        self.mark_written(block_ids)
         torch.stack(keys, dim=1, out=pool_k[:, first : first + count])
         torch.stack(values, dim=1, out=pool_v[:, first : first + count])

@@ -19,9 +19,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 from ..hashing import BlockHash, root_hash
+from ..parallel import run_all
 from .base import BlockData, BlockRequest, Tier
 from .entry import pack, unpack
 from .namespace import tier_namespace
@@ -202,10 +204,14 @@ class TierStack:
             return []
         try:
             ids = [block.block_id for block, _, _ in taken]
-            for layer in range(len(kv.keys)):
+            kv.mark_written(ids)  # before the threads: they then only read the marks
+
+            def write(layer: int) -> None:
                 keys = [data.keys[layer] for _, data, _ in taken]
                 values = [data.values[layer] for _, data, _ in taken]
                 kv.write_blocks(layer, ids, keys, values)
+
+            run_all([partial(write, layer) for layer in range(len(kv.keys))], parallel=len(taken) >= 8)
         except Exception as error:
             pool.release([block for block, _, _ in taken])
             self.tiers[0].error("promote", f"could not copy blocks into the pool ({error!r})")

@@ -424,6 +424,21 @@ def entry_decode_copies() -> None:
     entry._read_payload = lambda *args: {k: v.clone() for k, v in read_payload(*args).items()}
 
 
+def copies_outlive_an_interrupt() -> None:
+    """run_all raises on an interrupt while its copy threads still write."""
+
+    def make(original):
+        def run_all(tasks, parallel=True):
+            from hf_prefix_cache.parallel import _pool
+
+            for future in [_pool().submit(task) for task in tasks]:
+                future.result()
+
+        return run_all
+
+    replace_function("hf_prefix_cache.parallel", "run_all", make)
+
+
 def remote_bad_values_kept() -> None:
     """A value that fails verification stays on the server."""
     from hf_prefix_cache.tiers.remote import RemoteTier
@@ -725,6 +740,12 @@ MUTANTS: list[Mutant] = [
         "decode() returns views of the entry bytes, so a read copies the K/V once (into the pool)",
         entry_decode_copies,
         ("tests/test_tier_entry.py::test_decoded_kv_are_views_of_the_entry_bytes_not_copies",),
+    ),
+    Mutant(
+        "copies_outlive_an_interrupt",
+        "an interrupted promotion returns only after its copy threads stopped writing into the pool",
+        copies_outlive_an_interrupt,
+        ("tests/test_parallel.py::test_an_interrupt_returns_only_after_every_started_copy_finished",),
     ),
     Mutant(
         "remote_bad_values_kept",
