@@ -18,6 +18,8 @@ import torch
 
 from .layout import LayerLayout
 
+MAX_DIRECT_RUNS = 8  # more runs of consecutive ids than this: gather once (fewer, larger copies)
+
 
 class KVPool:
     def __init__(self, layouts: list[LayerLayout], num_blocks: int, block_size: int):
@@ -94,17 +96,17 @@ class KVPool:
     ) -> None:
         """Store one ``[heads, block_size, head_dim]`` K and V per block into ``block_ids``.
 
-        Consecutive ids on the pool's device and dtype are stacked straight into the pool (one pass over
-        the bytes, the promotion of a lower-tier hit); anything else goes through ``write``.
+        Each run of consecutive ids on the pool's device and dtype is stacked straight into the pool (one
+        pass over the bytes, the promotion of a lower-tier hit); anything else goes through ``write``.
         """
         pool_k, pool_v = self.keys[layer], self.values[layer]
-        first, count = block_ids[0], len(block_ids)
-        direct = block_ids == list(range(first, first + count)) and all(
-            t.device == pool_k.device and t.dtype == pool_k.dtype for t in (keys[0], values[0])
-        )
-        if not direct:
+        runs = [0] + [i for i in range(1, len(block_ids)) if block_ids[i] != block_ids[i - 1] + 1]
+        same = all(t.device == pool_k.device and t.dtype == pool_k.dtype for t in (keys[0], values[0]))
+        if not same or len(runs) > MAX_DIRECT_RUNS:
             self.write(layer, block_ids, torch.cat(keys, dim=1), torch.cat(values, dim=1))
             return
         self.mark_written(block_ids)
-        torch.stack(keys, dim=1, out=pool_k[:, first : first + count])
-        torch.stack(values, dim=1, out=pool_v[:, first : first + count])
+        for start, end in zip(runs, [*runs[1:], len(block_ids)]):
+            first = block_ids[start]
+            torch.stack(keys[start:end], dim=1, out=pool_k[:, first : first + end - start])
+            torch.stack(values[start:end], dim=1, out=pool_v[:, first : first + end - start])

@@ -31,6 +31,11 @@ DEFAULT_MAX_MEMORY = "1GiB"
 WriteBlocks = Callable[[list[int], list[int]], None]
 
 
+def ascending(blocks: list[Block]) -> list[Block]:
+    """``blocks`` by id: fresh blocks laid out along a chain in this order read back as one view."""
+    return sorted(blocks, key=lambda block: block.block_id)
+
+
 class BlockStore:
     """Hashed, ref-counted, LRU-evicted K/V blocks, shared across ``generate()`` calls."""
 
@@ -188,6 +193,17 @@ class BlockStore:
                 pending.add(hashes[index])
             chain.append(block)
         if new_blocks:
+            # Fresh blocks in ascending id order along the chain: a run of consecutive ids is read back
+            # as one view and written with one copy (the LRU queue hands evicted chains out tail first).
+            # Keys name the parent block, so they are made again for the new assignment.
+            ordered = ascending([block for block, _, _ in new_blocks])
+            for index, block in zip(new_positions, ordered):
+                chain[index] = block
+            new_blocks = [
+                (block, block_hash, self.chain_key(chain[index - 1] if index else None, namespace,
+                                                   tokens[index * size : (index + 1) * size], extra_keys))
+                for index, block, (_, block_hash, _) in zip(new_positions, ordered, new_blocks)
+            ]  # fmt: skip
             write(new_positions, [block.block_id for block, _, _ in new_blocks])
             for block, block_hash, key in new_blocks:
                 self.pool.cache(block, block_hash, key)

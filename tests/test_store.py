@@ -182,7 +182,11 @@ def test_parse_bytes_rejects_nonsense_with_a_hint(bad):
         parse_bytes(bad)
 
 
-@pytest.mark.parametrize("block_ids", [[3, 4, 5], [6, 2, 9]], ids=["consecutive", "scattered"])
+@pytest.mark.parametrize(
+    "block_ids",
+    [[3, 4, 5], [6, 2, 9], [9, 1, 7, 3, 5, 0, 8, 2, 6, 4]],
+    ids=["consecutive", "three_runs", "gathered"],
+)
 def test_write_blocks_stores_each_block_where_read_finds_it(block_ids):
     """The promotion path (one K/V per block, stacked straight into the pool) against read()."""
     from hf_prefix_cache.kv_pool import KVPool
@@ -196,3 +200,16 @@ def test_write_blocks_stores_each_block_where_read_finds_it(block_ids):
         got_k, got_v = pool.read(0, [block_id])
         assert torch.equal(got_k, k) and torch.equal(got_v, v)
     assert pool.committed_bytes == len(block_ids) * pool.block_bytes()
+
+
+def test_a_chain_stored_over_evicted_blocks_gets_ascending_ids_and_reads_back_exactly():
+    """The LRU queue hands out an evicted chain tail first (descending ids); the new chain is laid out
+    in ascending order so that it reads back as one view, and its keys still chain correctly."""
+    store = make_store(4)
+    store_tokens(store, list(range(16)))  # ids 0..3, released tail first
+    tokens = [100 + t for t in range(16)]
+    store_tokens(store, tokens, value=2.0)  # evicts the whole first chain
+    blocks = match(store, tokens)
+    assert [block.block_id for block in blocks] == [0, 1, 2, 3]
+    keys, _ = store.read(0, blocks)
+    assert torch.equal(keys[0, :, 0], torch.arange(16, dtype=torch.float32) * 2.0)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from ..hashing import BlockHash, root_hash
 from ..parallel import run_all
+from ..store import ascending
 from .base import BlockData, BlockRequest, Tier
 from .entry import pack, unpack
 from .namespace import tier_namespace
@@ -202,6 +203,8 @@ class TierStack:
             taken.append((block, data, tier_name))
         if not taken:
             return []
+        ordered = ascending([block for block, _, _ in taken])
+        taken = [(block, data, name) for block, (_, data, name) in zip(ordered, taken)]  # see _extend
         try:
             ids = [block.block_id for block, _, _ in taken]
             kv.mark_written(ids)  # before the threads: they then only read the marks

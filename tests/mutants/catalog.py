@@ -439,6 +439,11 @@ def copies_outlive_an_interrupt() -> None:
     replace_function("hf_prefix_cache.parallel", "run_all", make)
 
 
+def fresh_chains_not_ascending() -> None:
+    """Fresh blocks keep the LRU queue's order (an evicted chain comes back in descending ids)."""
+    replace_function("hf_prefix_cache.store", "ascending", lambda original: lambda blocks: list(blocks))
+
+
 def remote_bad_values_kept() -> None:
     """A value that fails verification stays on the server."""
     from hf_prefix_cache.tiers.remote import RemoteTier
@@ -746,6 +751,14 @@ MUTANTS: list[Mutant] = [
         "an interrupted promotion returns only after its copy threads stopped writing into the pool",
         copies_outlive_an_interrupt,
         ("tests/test_parallel.py::test_an_interrupt_returns_only_after_every_started_copy_finished",),
+    ),
+    Mutant(
+        "fresh_chains_not_ascending",
+        "a chain stored over evicted blocks is laid out in ascending ids (one view to read back)",
+        fresh_chains_not_ascending,
+        (
+            "tests/test_store.py::test_a_chain_stored_over_evicted_blocks_gets_ascending_ids_and_reads_back_exactly",
+        ),
     ),
     Mutant(
         "remote_bad_values_kept",
