@@ -8,6 +8,7 @@ import math
 import torch
 
 from .hashing import root_hash
+from .kv_pool import MAX_DIRECT_RUNS
 from .layout import LayerLayout
 from .prompt_rows import PromptRow
 from .store import BlockStore
@@ -64,7 +65,7 @@ def place_prefix(layers: list, store: BlockStore, call: CallState) -> None:
         layer.load_prefix(keys, values, total_length=loaded)
 
 
-def consecutive_runs(blocks: list, most: int = 8) -> list[list]:
+def consecutive_runs(blocks: list, most: int = MAX_DIRECT_RUNS) -> list[list]:
     """``blocks`` cut where block ids stop being consecutive (each run reads as one view of the pool);
     a chain of more than ``most`` runs stays one piece, gathered at once."""
     runs: list[list] = []

@@ -18,7 +18,7 @@ import torch
 
 from .layout import LayerLayout
 
-MAX_DIRECT_RUNS = 8  # more runs of consecutive ids than this: gather once (fewer, larger copies)
+MAX_DIRECT_RUNS = 8  # more runs of consecutive ids than this are gathered at once (reads and writes)
 
 
 class KVPool:
