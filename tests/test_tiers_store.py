@@ -77,6 +77,32 @@ def test_promotion_respects_references_and_capacity():
     assert sources == ["host"] * 3 and torch.equal(keys, expected_keys(TOKENS, 3))
 
 
+def test_a_failed_promotion_copy_is_a_counted_miss_and_the_next_call_is_exact(monkeypatch):
+    """The copy into the pool fails halfway (some layers written): nothing stays referenced or cached,
+    and the next lookup promotes the same blocks again, exactly."""
+    from hf_prefix_cache.kv_pool import KVPool
+
+    store = make_store(2, host=100 * BLOCK_BYTES)
+    store_tokens(store, TOKENS[: 2 * BLOCK])
+    store_tokens(store, list(range(500, 500 + 2 * BLOCK)), value=-1.0)  # the first chain goes to host
+    write_blocks = KVPool.write_blocks
+
+    def fails_on_the_last_layer(self, layer, *args):
+        if layer == len(LAYOUT) - 1:
+            raise RuntimeError("copy failed")
+        write_blocks(self, layer, *args)
+
+    monkeypatch.setattr(KVPool, "write_blocks", fails_on_the_last_layer)
+    with pytest.warns(TierWarning, match="could not copy"):
+        blocks, sources, _ = match(store, TOKENS[: 2 * BLOCK])
+    assert blocks == [] and sources == [] and store.tiers.errors == 1
+    assert store.pool.num_referenced == 0
+    monkeypatch.undo()
+    _, sources, keys = match(store, TOKENS[: 2 * BLOCK])
+    assert sources == ["host", "host"] and torch.equal(keys, expected_keys(TOKENS, 2))
+    assert store.pool.num_referenced == 0
+
+
 def _hashes(tokens):
     from hf_prefix_cache import hashing
 
