@@ -30,7 +30,15 @@ from .explain import HitReport, matched_length
 from .fingerprint import WeightsWatch, model_fingerprint
 from .hashing import hash_blocks, root_hash
 from .layers import PrefixFullLayer, PrefixSlidingLayer
-from .layout import UnsupportedLayout, probe_layout
+from .layout import (
+    LayerLayout,
+    UnsupportedLayout,
+    describe_layers,
+    known_layout,
+    predict_layout,
+    probe_layout,
+    remember_layout,
+)
 from .prompt_rows import PromptRow, as_batch, split_rows
 from .recording import record_call, replies_of
 from .stats import CacheStats, CallStats
@@ -145,13 +153,16 @@ class PrefixCache(DynamicCache):
         self.fallback: str | None = unsupported_reason(model)
         self.store: BlockStore | None = None
         layers = None
+        tiered = host_memory is not None or disk is not None or disk_size is not None or remote is not None
         if self.fallback is None:
             try:
-                layouts = probe_layout(model)
+                layouts, confirmed = self._layouts(model, probe=tiered)
             except UnsupportedLayout as error:
                 self.fallback = str(error)
             else:
-                self.store = self._resolve_store(layouts, store, block_size, max_memory, num_blocks)
+                self.store = self._resolve_store(
+                    layouts, confirmed, store, block_size, max_memory, num_blocks
+                )
                 remote_options = remote_tier_options(
                     remote,
                     min_tokens=remote_min_tokens,
@@ -159,7 +170,7 @@ class PrefixCache(DynamicCache):
                     ttl=remote_ttl,
                     timeout=remote_timeout,
                 )
-                if host_memory is not None or disk is not None or disk_size is not None or remote is not None:
+                if tiered:
                     if store is not None:
                         raise ValueError(
                             "tiers belong to the store: pass host_memory=/disk=/remote= to the first "
@@ -190,13 +201,26 @@ class PrefixCache(DynamicCache):
             install_hook(model)
 
     @staticmethod
-    def _resolve_store(layouts, store, block_size, max_memory, num_blocks) -> BlockStore:
+    def _layouts(model: torch.nn.Module, probe: bool) -> tuple[list[LayerLayout], bool]:
+        """The model's K/V layout and whether a forward pass confirmed it. Without tiers a prediction
+        from the config will do (the first call confirms it), sparing the probe forward."""
+        known = known_layout(model)
+        if known is not None:
+            return known, True
+        predicted = None if probe else predict_layout(model)
+        if predicted is not None:
+            return predicted, False
+        return probe_layout(model), True
+
+    @staticmethod
+    def _resolve_store(layouts, confirmed, store, block_size, max_memory, num_blocks) -> BlockStore:
         if store is None:
             return BlockStore.sized(
                 layouts,
                 block_size=16 if block_size is None else block_size,
                 max_memory=max_memory,
                 num_blocks=num_blocks,
+                confirmed=confirmed,
             )
         if not store.compatible_with(layouts):
             raise ValueError(
@@ -221,6 +245,11 @@ class PrefixCache(DynamicCache):
             if known:
                 logger.info("model weights changed: earlier blocks will no longer match")
         return self._namespace + adapter_namespace(self.model)
+
+    def _autocast_on(self) -> bool:
+        """Whether torch.autocast is on for a device the model's K/V live on."""
+        devices = {layout.device.type for layout in self.store.layouts}
+        return any(torch.is_autocast_enabled(device) for device in devices)
 
     def stale_reason(self) -> str | None:
         """Why stored K/V cannot be used with the model as it is now (its dtype or device changed)."""
@@ -256,11 +285,13 @@ class PrefixCache(DynamicCache):
                 return self
             size = self.block_size
             call = self._call = CallState(self.namespace, rows, ids.shape[1], num_expand)
+            call.autocast = self._autocast_on()
             reserve_room(self.layers, ids.shape[1], max_new_tokens)
             sources: list[list[str]] = [[] for _ in rows]  # the tier of each hit block, per row
             for row, row_sources in zip(rows, sources):
                 row.hashes = hash_blocks(call.root, row.tokens, size, self.extra_keys)
-                usable = (len(row.tokens) - 1) // size  # the last prompt token is always computed
+                # the last prompt token is always computed; under autocast nothing stored fits the call
+                usable = 0 if call.autocast else (len(row.tokens) - 1) // size
                 row.hits = self.store.match(
                     call.namespace, row.tokens, row.hashes, usable, self.extra_keys, row_sources
                 )
@@ -289,8 +320,11 @@ class PrefixCache(DynamicCache):
                 replies = replies_of(call, sequences, *self._stop_and_pad(eos_token_id, pad_token_id))
                 slots = self._captured_slots(call)
                 problem = self._unstorable(call, slots, sequences if replies else None)
+                if problem is None and isinstance(slots, int) and slots > call.loaded:
+                    problem = self._layout_problem()
                 if problem is not None:
-                    self._refuse(problem)
+                    if self.store is not None:  # else the call just turned prefix reuse off, and said so
+                        self._refuse(problem)
                 elif slots > call.loaded:  # prepare() then commit() without generate() stores nothing
                     before = self.store.pool.num_cached
                     record_call(self.layers, self.store, call, replies, slots, self.extra_keys)
@@ -326,6 +360,8 @@ class PrefixCache(DynamicCache):
             return None  # nothing was computed: nothing to store, nothing wrong
         if self._verified_call is not call:
             return "no K/V of this call were seen coming from the model this cache was made for"
+        if call.autocast:
+            return "it ran under torch.autocast, whose K/V differ from what the model computes without it"
         if sequences is not None and slots != sequences.shape[1] - 1:
             return (
                 f"the layers hold {slots} slots but prompt and reply imply {sequences.shape[1] - 1} (a call with "
@@ -336,6 +372,41 @@ class PrefixCache(DynamicCache):
         if self.namespace != call.namespace:
             return "the model's weights or active adapters changed during the call"
         return None
+
+    def _layout_problem(self) -> str | None:
+        """Why this call's K/V do not fit the store's layout; the first call confirms a predicted one.
+
+        A prediction the call contradicts is settled by a probe forward, never by the call: its K/V may
+        be unusual (autocast, a hook) rather than the prediction wrong.
+        """
+        try:
+            observed = describe_layers(self.layers)
+        except UnsupportedLayout as error:
+            return str(error)
+        store = self.store
+        if not store.confirmed:
+            if observed == store.layouts:
+                truth = observed
+                remember_layout(self.model, observed)
+            else:
+                try:
+                    truth = probe_layout(self.model)
+                except UnsupportedLayout as error:
+                    self._fall_back(str(error))
+                    return str(error)
+            if (problem := store.confirm(truth)) is not None:
+                return problem
+        if observed != store.layouts:
+            return (
+                "its K/V differ in shape, dtype or device from what the model computes by default "
+                "(autocast, a cast in a hook?)"
+            )
+        return None
+
+    def _fall_back(self, reason: str) -> None:
+        """Turn prefix reuse off for good: every later call recomputes (a first call found the reason)."""
+        self.fallback, self.store = reason, None
+        self._warn(f"prefix reuse is off for this model: {reason}; it will be recomputed every call")
 
     def _refuse(self, problem: str) -> None:
         self._refused += 1
@@ -402,6 +473,8 @@ class PrefixCache(DynamicCache):
             if call is not None and self._verified_call is not call:
                 self._check_module(_calling_module())
                 self._verified_call = call
+            if call is not None and torch.is_autocast_enabled(key_states.device.type):
+                call.autocast = True
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def _stop_and_pad(self, eos_token_id, pad_token_id) -> tuple[set[int], int | None]:

@@ -1,13 +1,20 @@
-"""What the K/V of each layer look like, learned from one real one-token forward pass.
+"""What the K/V of each layer look like: read from the config, and confirmed by a real forward pass.
 
-Probing beats reading configs: head counts, head sizes, dtypes and devices (accelerate may put layers on
-different devices) vary across model families, and the probe also reveals layers the store cannot
-serve (recurrent state, KV sharing, indexers).
+A real forward is the authority: head counts, head sizes, dtypes and devices (accelerate may put layers
+on different devices) vary across model families, and a forward also reveals layers the store cannot
+serve (recurrent state, KV sharing, indexers). But a probe forward reads every weight once (about 100 ms
+for SmolLM2-135M on CPU), so a new ``PrefixCache`` does not run one when it can avoid it:
 
-The forward pass reads every weight once (tens of milliseconds for a small model on CPU), so its result is
-kept per model object and reused while nothing it depends on changed: the same parameter and buffer
-objects with the same dtypes and devices, the same input device and the same config. Anything else (a
-cast, a move, a replaced module, an edited config) probes again.
+* ``predict_layout`` reads the layout from the config, for a model in one floating dtype on one device
+  (the common case). The store starts *unconfirmed*: it holds nothing and hits nothing until the first
+  call's own K/V confirm the prediction (``PrefixCache.commit``); a wrong prediction is replaced by a
+  probe's answer before anything is stored.
+* ``probe_layout`` runs the probe forward where the layout must be known before any call: tiers (their
+  entries are checked against it on the first lookup), a multi-device or multi-dtype model.
+
+A confirmed result is kept per model object and reused while nothing it depends on changed: the same
+parameter and buffer objects with the same dtypes and devices, the same input device and the same config.
+Anything else (a cast, a move, a replaced module, an edited config) is learned again.
 """
 
 from __future__ import annotations
@@ -66,22 +73,73 @@ _probed_lock = threading.Lock()
 def probe_layout(model: torch.nn.Module) -> list[LayerLayout]:
     """Every cache layer of ``model`` as a probe forward finds it (reused while the model is unchanged);
     raise UnsupportedLayout if the store cannot serve it."""
-    tensors = [*model.parameters(), *model.buffers()]
-    fingerprint = _structure_fingerprint(model)
-    with _probed_lock:
-        known = _probed.get(model)
-    if known is not None and known.still_valid(tensors, fingerprint):
-        result = known.result
-    else:
+    result = _known(model)
+    if result is None:
         try:
             result = run_probe(model)
         except UnsupportedLayout as error:
             result = error
-        with _probed_lock:
-            _probed[model] = _Probed(tensors, fingerprint, result)
+        remember_layout(model, result)
     if isinstance(result, UnsupportedLayout):
         raise UnsupportedLayout(str(result))
     return list(result)
+
+
+def known_layout(model: torch.nn.Module) -> list[LayerLayout] | None:
+    """The confirmed layout kept for ``model`` if nothing it depends on changed since; runs nothing."""
+    result = _known(model)
+    if result is None or isinstance(result, UnsupportedLayout):
+        return None
+    return list(result)
+
+
+def remember_layout(model: torch.nn.Module, result: list[LayerLayout] | UnsupportedLayout) -> None:
+    """Keep a confirmed layout (or why there is none) for ``model`` as it is now."""
+    state = _Probed([*model.parameters(), *model.buffers()], _structure_fingerprint(model), result)
+    with _probed_lock:
+        _probed[model] = state
+
+
+def _known(model: torch.nn.Module):
+    with _probed_lock:
+        known = _probed.get(model)
+    if known is None:
+        return None
+    tensors = [*model.parameters(), *model.buffers()]
+    return known.result if known.still_valid(tensors, _structure_fingerprint(model)) else None
+
+
+def predict_layout(model: torch.nn.Module) -> list[LayerLayout] | None:
+    """The layout the config implies, or None where it may not say enough (then probe).
+
+    Only for a model whose parameters share one floating dtype on one device, without accelerate hooks:
+    then every layer's K/V have that dtype and device. Layer kinds and windows come from the same
+    ``DynamicCache(config=...)`` a probe reads them from. The first call confirms the rest.
+    """
+    tensors = list(model.parameters())
+    if not tensors or any(hasattr(module, "_hf_hook") for module in model.modules()):
+        return None
+    dtype, device = tensors[0].dtype, tensors[0].device
+    if not dtype.is_floating_point or device.type == "meta" or _input_device(model) != device:
+        return None
+    if any(t.dtype != dtype or t.device != device for t in tensors):
+        return None
+    config = model.config.get_text_config(decoder=True)
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None)
+    hidden = getattr(config, "hidden_size", None)
+    if head_dim is None and isinstance(heads, int) and isinstance(hidden, int) and heads > 0:
+        head_dim = hidden // heads
+    if not all(isinstance(n, int) and n > 0 for n in (kv_heads, head_dim)):
+        return None
+    layers = DynamicCache(config=config).layers
+    if not layers or any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers):
+        return None  # the probe says why, or finds out
+    windows = [
+        layer.sliding_window if isinstance(layer, DynamicSlidingWindowLayer) else None for layer in layers
+    ]
+    return [LayerLayout(kv_heads, head_dim, dtype, device, window) for window in windows]
 
 
 def _structure_fingerprint(model: torch.nn.Module) -> tuple:
@@ -98,15 +156,31 @@ def run_probe(model: torch.nn.Module) -> list[LayerLayout]:
     input_ids = torch.tensor([[token if isinstance(token, int) else 0]], device=_input_device(model))
     with torch.no_grad():
         cache = _probe_forward(model, input_ids, config)
-    layouts = []
     for index, layer in enumerate(cache.layers):
         if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
             raise UnsupportedLayout(f"layer {index} keeps a {type(layer).__name__}, not per-token K/V")
-        if not layer.is_initialized or layer.keys is None or layer.keys.dim() != 4:
+    return describe_layers(cache.layers)
+
+
+def describe_layers(layers: list) -> list[LayerLayout]:
+    """The layout of the K/V that ``layers`` hold after a forward pass; raise UnsupportedLayout where a
+    layer holds none, or values shaped unlike its keys (the pool keeps both alike)."""
+    layouts = []
+    for index, layer in enumerate(layers):
+        keys, values = layer.keys, layer.values
+        if not layer.is_initialized or keys is None or keys.dim() != 4:
             raise UnsupportedLayout(f"layer {index} stored no per-token K/V during a forward pass")
-        _, heads, _, head_dim = layer.keys.shape
+        if values is None or (values.shape, values.dtype, values.device) != (
+            keys.shape,
+            keys.dtype,
+            keys.device,
+        ):
+            raise UnsupportedLayout(
+                f"layer {index} keeps values of another shape, dtype or device than its keys"
+            )
+        _, heads, _, head_dim = keys.shape
         window = layer.sliding_window if isinstance(layer, DynamicSlidingWindowLayer) else None
-        layouts.append(LayerLayout(heads, head_dim, layer.keys.dtype, layer.keys.device, window))
+        layouts.append(LayerLayout(heads, head_dim, keys.dtype, keys.device, window))
     if not layouts:
         raise UnsupportedLayout("the model stored nothing in its cache")
     return layouts

@@ -31,6 +31,11 @@ DEFAULT_MAX_MEMORY = "1GiB"
 WriteBlocks = Callable[[list[int], list[int]], None]
 
 
+def blocks_in(budget: int, layouts: list[LayerLayout], block_size: int) -> int:
+    """How many whole blocks of ``layouts`` fit in ``budget`` bytes."""
+    return budget // sum(layout.block_bytes(block_size) for layout in layouts)
+
+
 def ascending(blocks: list[Block]) -> list[Block]:
     """``blocks`` by id: fresh blocks laid out along a chain in this order read back as one view."""
     return sorted(blocks, key=lambda block: block.block_id)
@@ -39,24 +44,63 @@ def ascending(blocks: list[Block]) -> list[Block]:
 class BlockStore:
     """Hashed, ref-counted, LRU-evicted K/V blocks, shared across ``generate()`` calls."""
 
-    def __init__(self, layouts: list[LayerLayout], *, block_size: int = 16, num_blocks: int):
+    def __init__(
+        self,
+        layouts: list[LayerLayout],
+        *,
+        block_size: int = 16,
+        num_blocks: int,
+        confirmed: bool = True,
+        max_memory: int | None = None,
+    ):
         block_size = positive_int("block_size", block_size, "16")
         num_blocks = positive_int("num_blocks", num_blocks, "1024")
-        needed: dict[torch.device, int] = {}
-        for layout in layouts:
-            needed[layout.device] = needed.get(layout.device, 0) + layout.block_bytes(block_size) * num_blocks
-        check_fits(needed)  # before zero-filling tensors the machine cannot hold
-        self.layouts = layouts
         self.block_size = block_size
-        self.pool = BlockPool(num_blocks)
-        self.kv = KVPool(layouts, num_blocks, block_size)
         self.lock = threading.RLock()
         self.tiers: TierStack | None = None  # host / disk tiers below the pool, see ``attach_tiers``
+        # False while ``layouts`` are a prediction from the config: then nothing is stored or matched
+        # until a real forward confirms them (``confirm``)
+        self.confirmed = confirmed
+        self._max_memory = max_memory  # the budget the pool was sized from, to size it again on a correction
+        self._build(layouts, num_blocks)
+
+    def _build(self, layouts: list[LayerLayout], num_blocks: int) -> None:
+        needed: dict[torch.device, int] = {}
+        for layout in layouts:
+            needed[layout.device] = (
+                needed.get(layout.device, 0) + layout.block_bytes(self.block_size) * num_blocks
+            )
+        check_fits(needed)  # before reserving memory the machine cannot hold
+        self.layouts = layouts
+        self.pool = BlockPool(num_blocks)
+        self.kv = KVPool(layouts, num_blocks, self.block_size)
+
+    def confirm(self, layouts: list[LayerLayout]) -> str | None:
+        """Take ``layouts``, found by a real forward pass, as this store's; or say why it cannot.
+
+        An unconfirmed store is empty, so a wrong prediction is replaced (the pool sized again from the
+        same budget) before any block is stored.
+        """
+        with self.lock:
+            if self.confirmed:
+                return None if layouts == self.layouts else "the shared store holds K/V of another layout"
+            if layouts != self.layouts:
+                num_blocks = self.pool.num_blocks
+                if self._max_memory is not None:
+                    num_blocks = blocks_in(self._max_memory, layouts, self.block_size)
+                    if num_blocks < 1:
+                        return f"max_memory={self._max_memory} holds no block of the model's K/V; give more"
+                logger.info("block store: the K/V layout differs from the config's; the empty pool is remade")
+                self._build(layouts, num_blocks)
+            self.confirmed = True
+            return None
 
     def attach_tiers(self, tiers: Sequence[Tier]) -> TierStack:
         """Put ``tiers`` (fastest first) below the pool: evictions write back, lookups continue there."""
         from .tiers.stack import TierStack
 
+        if not self.confirmed:
+            raise ValueError("tiers need a store whose K/V layout a forward pass confirmed (probe_layout)")
         with self.lock:
             self.tiers = TierStack(self, tiers)
         return self.tiers
@@ -83,21 +127,26 @@ class BlockStore:
         block_size: int = 16,
         max_memory: int | str | None = None,
         num_blocks: int | None = None,
+        confirmed: bool = True,
     ) -> BlockStore:
-        """A store for ``layouts`` holding ``num_blocks`` blocks, or as many as fit in ``max_memory``."""
+        """A store for ``layouts`` holding ``num_blocks`` blocks, or as many as fit in ``max_memory``;
+        ``confirmed=False`` for layouts predicted from a config (see ``confirm``)."""
         if num_blocks is not None and max_memory is not None:
             raise ValueError("pass either num_blocks or max_memory, not both")
         block_size = positive_int("block_size", block_size, "16")
+        budget = None
         if num_blocks is None:
             budget = parse_bytes(max_memory if max_memory is not None else DEFAULT_MAX_MEMORY)
-            per_block = sum(layout.block_bytes(block_size) for layout in layouts)
-            num_blocks = budget // per_block
+            num_blocks = blocks_in(budget, layouts, block_size)
             if num_blocks < 1:
+                per_block = sum(layout.block_bytes(block_size) for layout in layouts)
                 raise ValueError(f"max_memory={max_memory!r} is smaller than one block ({per_block} bytes)")
         logger.info(
             "block store: %d blocks of %d tokens over %d layers", num_blocks, block_size, len(layouts)
         )
-        return cls(layouts, block_size=block_size, num_blocks=num_blocks)
+        return cls(
+            layouts, block_size=block_size, num_blocks=num_blocks, confirmed=confirmed, max_memory=budget
+        )
 
     # -- lookups -----------------------------------------------------------------------------------
     def chain_key(

@@ -531,11 +531,62 @@ def decode_trusts_replaced_views() -> None:
     PrefixFullLayer.update = trusting
 
 
+def construction_probes() -> None:
+    """No layout is predicted from the config: every new PrefixCache runs the probe forward."""
+    replace_function("hf_prefix_cache.layout", "predict_layout", lambda original: lambda model: None)
+
+
+def confirmed_layout_forgotten() -> None:
+    """The layout a first call confirmed is not kept: the next cache on the model starts unconfirmed."""
+    from hf_prefix_cache import cache
+
+    cache.remember_layout = lambda model, result: None
+
+
+def prediction_kept_when_wrong() -> None:
+    """The first call confirms whatever the config predicted, without remaking the pool for the truth."""
+    from hf_prefix_cache.store import BlockStore
+
+    def confirm(self, layouts):
+        self.confirmed = True
+        return None
+
+    BlockStore.confirm = confirm
+
+
+def calls_not_checked_against_the_layout() -> None:
+    """Committed K/V are stored whatever their layout, and a predicted layout is never confirmed."""
+    from hf_prefix_cache import PrefixCache
+
+    PrefixCache._layout_problem = lambda self: None
+
+
+def autocast_calls_use_the_store() -> None:
+    """A call under torch.autocast looks its prompt up and reuses blocks computed without autocast."""
+    from hf_prefix_cache import PrefixCache
+
+    PrefixCache._autocast_on = lambda self: False
+
+
+def autocast_calls_feed_the_store() -> None:
+    """K/V computed under torch.autocast are stored (values in bf16, promoted to the pool's fp32)."""
+    from hf_prefix_cache import PrefixCache
+
+    unstorable = PrefixCache._unstorable
+
+    def forgetting(self, call, slots, sequences):
+        call.autocast = False
+        return unstorable(self, call, slots, sequences)
+
+    PrefixCache._unstorable = forgetting
+
+
 CORE = "tests/test_core_exactness.py"
 API = "tests/test_core_api.py"
 BATCHES = "tests/test_batches_strategies.py"
 FALLBACKS = "tests/test_fallbacks.py"
 EVAL_TIERS = "tests/test_eval_tiers.py"
+CONSTRUCTION = "tests/test_construction.py"
 
 MUTANTS: list[Mutant] = [
     Mutant(
@@ -802,7 +853,7 @@ MUTANTS: list[Mutant] = [
         "probe_never_reused",
         "an unchanged model is probed once, however many caches are made for it",
         probe_never_reused,
-        ("tests/test_construction.py::test_a_second_cache_on_an_unchanged_model_reuses_the_probe",),
+        ("tests/test_construction.py::test_caches_with_tiers_probe_once_per_unchanged_model",),
     ),
     Mutant(
         "never_used_blocks_after_eviction",
@@ -820,6 +871,51 @@ MUTANTS: list[Mutant] = [
             "tests/test_on_demand.py::test_a_full_layer_follows_every_replacement_of_its_keys_like_a_dynamic_layer",
             "tests/test_matrix.py::test_strategy_single[beam3_n2-llama]",
         ),
+    ),
+    Mutant(
+        "construction_probes",
+        "a new PrefixCache reads the layout from the config instead of running a forward pass",
+        construction_probes,
+        (
+            f"{CONSTRUCTION}::test_a_new_cache_runs_no_forward_and_its_first_call_confirms_the_predicted_layout[llama]",
+            f"{CONSTRUCTION}::test_a_new_cache_runs_no_forward_and_its_first_call_confirms_the_predicted_layout[gemma3]",
+        ),
+    ),
+    Mutant(
+        "confirmed_layout_forgotten",
+        "a layout a call confirmed serves later caches on the unchanged model",
+        confirmed_layout_forgotten,
+        (f"{CONSTRUCTION}::test_a_second_cache_on_a_confirmed_model_is_confirmed_without_a_forward",),
+    ),
+    Mutant(
+        "prediction_kept_when_wrong",
+        "a wrong prediction is replaced by the probe's layout (and the pool resized) before anything is stored",
+        prediction_kept_when_wrong,
+        (
+            f"{CONSTRUCTION}::test_a_wrong_prediction_is_replaced_by_the_probe_before_anything_is_stored[dtype-max_memory]",
+            f"{CONSTRUCTION}::test_a_wrong_prediction_is_replaced_by_the_probe_before_anything_is_stored[head_dim-num_blocks]",
+        ),
+    ),
+    Mutant(
+        "calls_not_checked_against_the_layout",
+        "only K/V of the store's confirmed layout are stored",
+        calls_not_checked_against_the_layout,
+        (
+            f"{CONSTRUCTION}::test_a_new_cache_runs_no_forward_and_its_first_call_confirms_the_predicted_layout[qwen2]",
+            f"{CONSTRUCTION}::test_a_wrong_prediction_is_replaced_by_the_probe_before_anything_is_stored[dtype-num_blocks]",
+        ),
+    ),
+    Mutant(
+        "autocast_calls_use_the_store",
+        "a call under torch.autocast reuses nothing computed without it",
+        autocast_calls_use_the_store,
+        (f"{CONSTRUCTION}::test_calls_under_autocast_neither_use_nor_feed_the_store",),
+    ),
+    Mutant(
+        "autocast_calls_feed_the_store",
+        "K/V computed under torch.autocast are never stored",
+        autocast_calls_feed_the_store,
+        (f"{CONSTRUCTION}::test_calls_under_autocast_neither_use_nor_feed_the_store",),
     ),
 ]
 
