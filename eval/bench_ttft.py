@@ -86,7 +86,7 @@ def run_benchmark(prefix_tokens: int = 2000, new_tokens: int = 32, repeats: int 
     warm_cache = PrefixCache(model, max_memory="1GiB")
     generate(torch.tensor([[*prefix, tokenizer.eos_token_id]]), **{CACHE_KWARG: warm_cache})  # stores it
 
-    def cold(ids):  # a new cache per call: its construction (probe forward included) is timed too
+    def cold(ids):  # a new cache per call: its construction is timed too
         return generate(ids, **{CACHE_KWARG: PrefixCache(model, max_memory="1GiB")})
 
     calls = {
