@@ -1,6 +1,6 @@
 """One block as one self-describing, verified byte string: the unit the disk (and remote) tiers store.
 
-Layout (little-endian), version 2::
+Layout (little-endian), version 3::
 
     fixed header  HEADER (92 bytes): magic b"HFPCKV\\r\\n", format version u16, reserved u16,
                   token count u32, layer count u32, namespace digest 16s, block hash 16s,
@@ -15,7 +15,8 @@ Layout (little-endian), version 2::
 One tensor per layer run, not per layer, because reading is per tensor: a 30-layer block read as 60
 tensors spent more time creating tensors than copying bytes.
 
-The checksum is MurmurHash3 x64-128 of the whole entry with the checksum field zeroed. ``decode``
+The checksum is XXH3-128 of the whole entry with the checksum field zeroed (version 2 used MurmurHash3
+x64-128, which verified at ~3.5 GB/s: a 2k-token restart spent ~35 ms on it; XXH3 runs at ~25 GB/s). ``decode``
 verifies every field against what the caller expects (namespace, hash, parent, tokens, layouts), the
 length and the checksum, and raises ``EntryError`` with a ``kind`` on the first mismatch: the caller
 counts it as a miss and deletes the entry. The magic catches foreign files, the version older formats.
@@ -34,8 +35,8 @@ import warnings
 from array import array
 from collections.abc import Sequence
 
-import mmh3
 import torch
+import xxhash
 from safetensors.torch import save as save_safetensors
 
 from ..hashing import HASH_SEED
@@ -43,7 +44,7 @@ from ..layout import LayerLayout
 from .base import BlockData, BlockRequest
 
 MAGIC = b"HFPCKV\r\n"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 HEADER = struct.Struct("<8sHHII16s16s16sQ16s")
 LAYER = struct.Struct("<II16s")
 ALIGN = 64
@@ -68,7 +69,7 @@ class EntryError(Exception):
 
 
 def _checksum(parts: Sequence) -> bytes:
-    hasher = mmh3.mmh3_x64_128(seed=HASH_SEED)
+    hasher = xxhash.xxh3_128(seed=HASH_SEED)
     for part in parts:
         hasher.update(part)
     return hasher.digest()
