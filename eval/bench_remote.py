@@ -35,6 +35,7 @@ import torch
 from hf_prefix_cache import PrefixCache
 from hf_prefix_cache.compat import CACHE_KWARG
 
+from .bench_report import add_prompt_options, finish, print_modes, verdict
 from .bench_ttft import real_text_ids, timed
 from .models import load_model
 
@@ -178,11 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--prefix-tokens", type=int, default=2000, help="cached prefix length (default 2000)")
-    parser.add_argument("--new-tokens", type=int, default=32, help="uncached tokens after it (default 32)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per mode (default 5)")
+    add_prompt_options(parser, 5, "timed repetitions per mode")
     parser.add_argument("--url", help="an existing Redis/Valkey server (default: start a throw-away one)")
-    parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--fill", metavar="URL", help=argparse.SUPPRESS)  # the filler subprocess
     args = parser.parse_args(argv)
     if args.fill:
@@ -201,23 +199,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{result['write_bytes_per_s'] / MiB:.0f} MiB/s, flushed={filled['flushed']}"
     )
     print(f"remote_warm hit tokens by tier per repetition: {result['remote_warm_hits_by_tier']}")
-    for mode in MODES:
-        runs = ", ".join(f"{t * 1000:.0f}" for t in result["seconds"][mode])
-        print(f"  {mode:11s} median TTFT {result['median_seconds'][mode] * 1000:8.1f} ms   [{runs}]")
-    ok = result["ratio"] >= TARGET
-    print(
-        f"  no_cache / remote_warm {result['ratio']:7.2f}   target >= {TARGET}   {'ok' if ok else 'MISSED'}"
-    )
+    print_modes(result, MODES, 11)
+    print(f"  no_cache / remote_warm {result['ratio']:7.2f}{verdict(result['ratio'], ('>=', TARGET))}")
     print(
         f"  bytes per block {result['bytes_per_block'] / 1024:.0f} KiB; Redis read throughput "
         f"{result['read_bytes_per_s'] / MiB:.0f} MiB/s ({result['fetch_s_per_call'] * 1000:.0f} ms of "
         f"fetching per call)"
     )
-    print(f"  outputs different from no_cache: {result['mismatches'] or 'none'}")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
-    return 1 if result["mismatches"] else 0
+    return finish(result, args.json)
 
 
 if __name__ == "__main__":

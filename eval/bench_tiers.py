@@ -38,6 +38,7 @@ import torch
 
 from hf_prefix_cache import PrefixCache
 
+from .bench_report import add_prompt_options, finish, print_modes, verdict
 from .bench_ttft import real_text_ids, timed
 from .models import load_model
 
@@ -248,12 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--prefix-tokens", type=int, default=2000)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per in-process mode")
+    add_prompt_options(parser, 3, "timed repetitions per in-process mode")
     parser.add_argument("--restarts", type=int, default=2, help="fresh processes per restart mode")
     parser.add_argument("--folder", help="disk tier folder (default: a new temporary folder)")
-    parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--suffix", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -275,28 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name, value in result["disk_read"].items():
         print(f"  disk read+verify, {name:16s} {value['MB_per_s']:8.0f} MB/s ({value['blocks']} blocks)")
-    for mode in MODES:
-        runs = ", ".join(f"{t * 1000:.0f}" for t in result["seconds"][mode])
-        print(f"  {mode:12s} median TTFT {result['median_seconds'][mode] * 1000:8.1f} ms   [{runs}]")
+    print_modes(result, MODES, 12)
     for kind, value in result["restart"].items():
         print(
             f"  {kind:12s} first call {value['cached_s'] * 1000:8.1f} ms vs no cache "
             f"{value['no_cache_s'] * 1000:.1f} ms in the same fresh process"
         )
     for name, value in result["ratios"].items():
-        op, target = TARGETS.get(name, (None, None))
-        verdict = (
-            ""
-            if op is None
-            else f"   target {op} {target}   "
-            + ("ok" if (value >= target if op == ">=" else value <= target) else "MISSED")
-        )
-        print(f"  {name:32s} {value:7.3f}{verdict}")
-    print(f"  outputs different from no_cache: {result['mismatches'] or 'none'}")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
-    return 1 if result["mismatches"] else 0
+        print(f"  {name:32s} {value:7.3f}{verdict(value, TARGETS.get(name))}")
+    return finish(result, args.json)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import random
 import statistics
 import time
@@ -30,6 +29,7 @@ from transformers import DynamicCache
 from hf_prefix_cache import PrefixCache
 from hf_prefix_cache.compat import CACHE_KWARG
 
+from .bench_report import add_prompt_options, finish, print_modes, verdict
 from .data import default_system_prompt, load_conversations
 from .models import load_model
 
@@ -128,28 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--prefix-tokens", type=int, default=2000, help="cached prefix length (default 2000)")
-    parser.add_argument("--new-tokens", type=int, default=32, help="uncached tokens after it (default 32)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per mode (default 5)")
-    parser.add_argument("--json", help="also write the results to this JSON file")
+    add_prompt_options(parser, 5, "timed repetitions per mode")
     args = parser.parse_args(argv)
     result = run_benchmark(args.prefix_tokens, args.new_tokens, args.repeats)
     print(f"\nSmolLM2-135M-Instruct, {result['prompt_tokens']} prompt tokens, {result['threads']} threads")
     print(f"warm hit tokens per repetition: {result['warm_hit_tokens']}")
-    for mode in MODES:
-        runs = ", ".join(f"{t * 1000:.0f}" for t in result["seconds"][mode])
-        print(f"  {mode:9s} median TTFT {result['median_seconds'][mode] * 1000:8.1f} ms   [{runs}]")
-    failed = False
+    print_modes(result, MODES, 9)
     for name, value in result["ratios"].items():
-        op, target = TARGETS[name]
-        ok = value >= target if op == ">=" else value <= target
-        failed |= not ok
-        print(f"  {name:16s} {value:7.3f}   target {op} {target}   {'ok' if ok else 'MISSED'}")
-    print(f"  outputs different from no_cache: {result['mismatches'] or 'none'}")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
-    return 1 if result["mismatches"] else 0
+        print(f"  {name:16s} {value:7.3f}{verdict(value, TARGETS[name])}")
+    return finish(result, args.json)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,41 @@
+"""What the TTFT benchmarks (``bench_ttft``, ``bench_tiers``, ``bench_remote``) share: their common
+options, how a mode's timings and a ratio against its target are printed, and how a run ends."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_prompt_options(parser: argparse.ArgumentParser, repeats: int, repeats_help: str) -> None:
+    """The prompt shape, the repetitions and ``--json``."""
+    parser.add_argument("--prefix-tokens", type=int, default=2000, help="cached prefix length (default 2000)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="uncached tokens after it (default 32)")
+    parser.add_argument("--repeats", type=int, default=repeats, help=f"{repeats_help} (default {repeats})")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+
+
+def print_modes(result: dict, modes, width: int) -> None:
+    """Each mode's median TTFT and every repetition's, in milliseconds."""
+    for mode in modes:
+        runs = ", ".join(f"{t * 1000:.0f}" for t in result["seconds"][mode])
+        print(f"  {mode:{width}s} median TTFT {result['median_seconds'][mode] * 1000:8.1f} ms   [{runs}]")
+
+
+def verdict(value: float, target: tuple[str, float] | None) -> str:
+    """``   target >= 10   ok`` (or ``MISSED``); empty for a ratio without a target."""
+    if target is None:
+        return ""
+    op, bound = target
+    met = value >= bound if op == ">=" else value <= bound
+    return f"   target {op} {bound}   {'ok' if met else 'MISSED'}"
+
+
+def finish(result: dict, json_path: str | None) -> int:
+    """Say which modes gave other outputs than no cache, write the JSON, and return the exit status
+    (1 when any output differed)."""
+    print(f"  outputs different from no_cache: {result['mismatches'] or 'none'}")
+    if json_path:
+        with open(json_path, "w") as handle:
+            json.dump(result, handle, indent=2)
+    return 1 if result["mismatches"] else 0
