@@ -64,6 +64,7 @@ UNPREPARED = (
     "into this one; call hf_prefix_cache.install(model) again, or cache.prepare(input_ids, attention_mask) "
     "before generate() and cache.commit(out.sequences) after it"
 )
+UNDER_AUTOCAST = "it ran under torch.autocast, whose K/V differ from what the model computes without it"
 _GENERATE_CODE = inspect.unwrap(GenerationMixin.generate).__code__  # its decorators share their code
 
 
@@ -246,10 +247,15 @@ class PrefixCache(DynamicCache):
                 logger.info("model weights changed: earlier blocks will no longer match")
         return self._namespace + adapter_namespace(self.model)
 
-    def _autocast_on(self) -> bool:
-        """Whether torch.autocast is on for a device the model's K/V live on."""
+    def _off_default(self) -> str | None:
+        """Why K/V computed now would differ from those the model computes by default (and the store
+        holds): under autocast values come out in bf16; in training mode dropout changes hidden states."""
         devices = {layout.device.type for layout in self.store.layouts}
-        return any(torch.is_autocast_enabled(device) for device in devices)
+        if any(torch.is_autocast_enabled(device) for device in devices):
+            return UNDER_AUTOCAST
+        if self.model.training:  # model.train(); a single fresh submodule in training mode is no sign
+            return "the model is in training mode, where dropout changes the K/V; call model.eval()"
+        return None
 
     def stale_reason(self) -> str | None:
         """Why stored K/V cannot be used with the model as it is now (its dtype or device changed)."""
@@ -285,13 +291,13 @@ class PrefixCache(DynamicCache):
                 return self
             size = self.block_size
             call = self._call = CallState(self.namespace, rows, ids.shape[1], num_expand)
-            call.autocast = self._autocast_on()
+            call.off_default = self._off_default()
             reserve_room(self.layers, ids.shape[1], max_new_tokens)
             sources: list[list[str]] = [[] for _ in rows]  # the tier of each hit block, per row
             for row, row_sources in zip(rows, sources):
                 row.hashes = hash_blocks(call.root, row.tokens, size, self.extra_keys)
-                # the last prompt token is always computed; under autocast nothing stored fits the call
-                usable = 0 if call.autocast else (len(row.tokens) - 1) // size
+                # the last prompt token is always computed; off the default nothing stored fits the call
+                usable = 0 if call.off_default else (len(row.tokens) - 1) // size
                 row.hits = self.store.match(
                     call.namespace, row.tokens, row.hashes, usable, self.extra_keys, row_sources
                 )
@@ -360,8 +366,8 @@ class PrefixCache(DynamicCache):
             return None  # nothing was computed: nothing to store, nothing wrong
         if self._verified_call is not call:
             return "no K/V of this call were seen coming from the model this cache was made for"
-        if call.autocast:
-            return "it ran under torch.autocast, whose K/V differ from what the model computes without it"
+        if call.off_default:
+            return call.off_default
         if sequences is not None and slots != sequences.shape[1] - 1:
             return (
                 f"the layers hold {slots} slots but prompt and reply imply {sequences.shape[1] - 1} (a call with "
@@ -473,8 +479,12 @@ class PrefixCache(DynamicCache):
             if call is not None and self._verified_call is not call:
                 self._check_module(_calling_module())
                 self._verified_call = call
-            if call is not None and torch.is_autocast_enabled(key_states.device.type):
-                call.autocast = True
+            if (
+                call is not None
+                and not call.off_default
+                and torch.is_autocast_enabled(key_states.device.type)
+            ):
+                call.off_default = UNDER_AUTOCAST
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def _stop_and_pad(self, eos_token_id, pad_token_id) -> tuple[set[int], int | None]:

@@ -26,7 +26,9 @@ class CallState:
         self.expand = expand  # cache rows per prompt (num_beams / num_return_sequences)
         self.rows_reordered = False  # beam search moved rows: only prompt slots are still per-prompt
         self.rows_changed = False  # rows added or dropped: nothing can be attributed any more
-        self.autocast = False  # torch.autocast was on: K/V of lower precision than stored ones
+        # why this call computes other K/V than the model does by default (torch.autocast, dropout in
+        # training mode): such a call neither reuses nor stores blocks
+        self.off_default: str | None = None
 
 
 # Slots reserved up front for new tokens beyond the prompt; longer replies grow the buffers by doubling.

@@ -135,6 +135,28 @@ def test_calls_under_autocast_neither_use_nor_feed_the_store():
     assert_same_output(greedy(model, prompt, max_new_tokens=6), out)
 
 
+def test_calls_in_training_mode_neither_use_nor_feed_the_store():
+    """Dropout in training mode changes the hidden states, so K/V of later layers: a forgotten
+    ``model.eval()`` must not put noisy K/V in the store, nor serve clean ones to a sampled-dropout call."""
+    model = tiny_model("llama")
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    cache = PrefixCache(model, block_size=4, num_blocks=64)
+    reuse_twice(model, cache)
+    longer = torch.tensor([[*random_ids(21, seed=3)[0].tolist(), *random_ids(20, seed=4)[0].tolist()]])
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrefixCacheFallbackWarning)
+        greedy(model, longer, **{CACHE_KWARG: cache})
+    assert cache.last_call.hit_tokens == 0, "a call in training mode reused stored blocks"
+    assert cache.stats.refused_calls == 1 and "training mode" in cache.last_call.refused
+    model.eval()
+    prompt = torch.cat([longer, random_ids(3, seed=5)], dim=1)
+    out = greedy(model, prompt, max_new_tokens=6, **{CACHE_KWARG: cache})
+    assert cache.last_call.hit_tokens == 20
+    assert_same_output(greedy(model, prompt, max_new_tokens=6), out)
+
+
 def test_a_layout_the_first_call_finds_unservable_turns_reuse_off_with_one_warning(monkeypatch):
     model = tiny_model("llama")
     truth = run_probe(model)

@@ -561,21 +561,21 @@ def calls_not_checked_against_the_layout() -> None:
     PrefixCache._layout_problem = lambda self: None
 
 
-def autocast_calls_use_the_store() -> None:
-    """A call under torch.autocast looks its prompt up and reuses blocks computed without autocast."""
+def off_default_calls_use_the_store() -> None:
+    """A call under torch.autocast (or in training mode) looks its prompt up and reuses stored blocks."""
     from hf_prefix_cache import PrefixCache
 
-    PrefixCache._autocast_on = lambda self: False
+    PrefixCache._off_default = lambda self: None
 
 
-def autocast_calls_feed_the_store() -> None:
-    """K/V computed under torch.autocast are stored (values in bf16, promoted to the pool's fp32)."""
+def off_default_calls_feed_the_store() -> None:
+    """K/V computed under torch.autocast or with dropout in training mode are stored."""
     from hf_prefix_cache import PrefixCache
 
     unstorable = PrefixCache._unstorable
 
     def forgetting(self, call, slots, sequences):
-        call.autocast = False
+        call.off_default = None
         return unstorable(self, call, slots, sequences)
 
     PrefixCache._unstorable = forgetting
@@ -906,16 +906,22 @@ MUTANTS: list[Mutant] = [
         ),
     ),
     Mutant(
-        "autocast_calls_use_the_store",
-        "a call under torch.autocast reuses nothing computed without it",
-        autocast_calls_use_the_store,
-        (f"{CONSTRUCTION}::test_calls_under_autocast_neither_use_nor_feed_the_store",),
+        "off_default_calls_use_the_store",
+        "a call under torch.autocast or in training mode reuses nothing",
+        off_default_calls_use_the_store,
+        (
+            f"{CONSTRUCTION}::test_calls_under_autocast_neither_use_nor_feed_the_store",
+            f"{CONSTRUCTION}::test_calls_in_training_mode_neither_use_nor_feed_the_store",
+        ),
     ),
     Mutant(
-        "autocast_calls_feed_the_store",
-        "K/V computed under torch.autocast are never stored",
-        autocast_calls_feed_the_store,
-        (f"{CONSTRUCTION}::test_calls_under_autocast_neither_use_nor_feed_the_store",),
+        "off_default_calls_feed_the_store",
+        "K/V computed under torch.autocast or with dropout in training mode are never stored",
+        off_default_calls_feed_the_store,
+        (
+            f"{CONSTRUCTION}::test_calls_under_autocast_neither_use_nor_feed_the_store",
+            f"{CONSTRUCTION}::test_calls_in_training_mode_neither_use_nor_feed_the_store",
+        ),
     ),
 ]
 
