@@ -1,6 +1,6 @@
 """Every curated mutant (tests/mutants/catalog.py) is killed: each of its tests fails under it.
 
-``mutants.runner`` runs the mutants one after the other, each in its own forked process that applies it
+``mutants.runner`` runs the mutants, one per core at a time, each in its own forked process that applies it
 (``mutants.plugin``) and runs its tests. A mutant counts as killed only when it was applied, collection
 went through, nothing errored outside a test body, and every listed test failed; a crash at import, a
 renamed test id or a test that passes all leave it alive, and this test says which and why.
