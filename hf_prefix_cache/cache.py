@@ -64,6 +64,7 @@ UNPREPARED = (
     "into this one; call hf_prefix_cache.install(model) again, or cache.prepare(input_ids, attention_mask) "
     "before generate() and cache.commit(out.sequences) after it"
 )
+REUSE_OFF = "prefix reuse is off for this model: {}; it will be recomputed every call"
 UNDER_AUTOCAST = "it ran under torch.autocast, whose K/V differ from what the model computes without it"
 _GENERATE_CODE = inspect.unwrap(GenerationMixin.generate).__code__  # its decorators share their code
 
@@ -186,9 +187,7 @@ class PrefixCache(DynamicCache):
                 ]
         if layers is None:
             layers = DynamicCache(config=model.config.get_text_config(decoder=True)).layers
-            self._warn(
-                f"prefix reuse is off for this model: {self.fallback}; it will be recomputed every call"
-            )
+            self._warn(REUSE_OFF.format(self.fallback))
         Cache.__init__(self, layers=layers)
         self._watch = WeightsWatch(model)
         self._dtypes_and_devices = self._watch.dtypes_and_devices()
@@ -412,7 +411,7 @@ class PrefixCache(DynamicCache):
     def _fall_back(self, reason: str) -> None:
         """Turn prefix reuse off for good: every later call recomputes (a first call found the reason)."""
         self.fallback, self.store = reason, None
-        self._warn(f"prefix reuse is off for this model: {reason}; it will be recomputed every call")
+        self._warn(REUSE_OFF.format(reason))
 
     def _refuse(self, problem: str) -> None:
         self._refused += 1
