@@ -26,6 +26,7 @@ from transformers.generation.utils import GenerationMixin
 
 from .adapters import adapter_namespace
 from .call_state import CallState, place_prefix, reserve_room
+from .decode_masks import long_enough, wants_decode_masks
 from .explain import HitReport, matched_length
 from .fingerprint import WeightsWatch, model_fingerprint
 from .hashing import hash_blocks, root_hash
@@ -256,6 +257,13 @@ class PrefixCache(DynamicCache):
             return "the model is in training mode, where dropout changes the K/V; call model.eval()"
         return None
 
+    @property
+    def is_compileable(self) -> bool:
+        """True only during a call whose decode steps should get a mask (``decode_masks.py``): transformers
+        builds one for a single-query step only for a cache that reports this. The cache is never compiled."""
+        call = self._call
+        return call is not None and call.decode_masks and long_enough(self.get_seq_length())
+
     def stale_reason(self) -> str | None:
         """Why stored K/V cannot be used with the model as it is now (its dtype or device changed)."""
         if self.store is not None and self._watch.dtypes_and_devices() != self._dtypes_and_devices:
@@ -291,6 +299,9 @@ class PrefixCache(DynamicCache):
             size = self.block_size
             call = self._call = CallState(self.namespace, rows, ids.shape[1], num_expand)
             call.off_default = self._off_default()
+            call.decode_masks = wants_decode_masks(
+                self.model, {layout.device for layout in self.store.layouts}
+            )
             reserve_room(self.layers, ids.shape[1], max_new_tokens)
             sources: list[list[str]] = [[] for _ in rows]  # the tier of each hit block, per row
             for row, row_sources in zip(rows, sources):

@@ -29,6 +29,8 @@ class CallState:
         # why this call computes other K/V than the model does by default (torch.autocast, dropout in
         # training mode): such a call neither reuses nor stores blocks
         self.off_default: str | None = None
+        # decode steps get an explicit mask so that SDPA packs grouped query heads (see decode_masks.py)
+        self.decode_masks = False
 
 
 # Slots reserved up front for new tokens beyond the prompt; longer replies grow the buffers by doubling.

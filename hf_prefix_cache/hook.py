@@ -107,6 +107,8 @@ def run_generate(cache, original, args: tuple, kwargs: dict):
     new_tokens = config.max_new_tokens or max(0, (config.max_length or 0) - input_ids.shape[-1])
     try:  # prepare inside: an interrupt right after it returns still releases what it took
         cache.prepare(input_ids, attention_mask, num_expand=expand, max_new_tokens=new_tokens)
+        if config.compile_config is not None and cache._call is not None:
+            cache._call.decode_masks = False  # reported as compileable, generate() would compile the forward
         cache._generating = True
         output = original(*args, **kwargs)
         sequences = output if isinstance(output, torch.Tensor) else getattr(output, "sequences", None)

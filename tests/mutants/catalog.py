@@ -581,12 +581,37 @@ def off_default_calls_feed_the_store() -> None:
     PrefixCache._unstorable = forgetting
 
 
+def decode_masks_off() -> None:
+    """Decode steps never get a mask: SDPA reads each K/V head once per query head (enable_gqa)."""
+    replace_function("hf_prefix_cache.decode_masks", "wants_decode_masks", lambda original: lambda *a: False)
+
+
+def decode_masks_everywhere() -> None:
+    """Every call gets decode masks, with eager attention and without grouped queries too."""
+    replace_function("hf_prefix_cache.decode_masks", "wants_decode_masks", lambda original: lambda *a: True)
+
+
+def decode_masks_outside_calls() -> None:
+    """The cache reports is_compileable from its model alone, before, between and after calls too,
+    and under a compile_config."""
+    from hf_prefix_cache import PrefixCache
+    from hf_prefix_cache.decode_masks import wants_decode_masks
+
+    PrefixCache.is_compileable = property(
+        lambda self: (
+            self.store is not None
+            and wants_decode_masks(self.model, {layout.device for layout in self.store.layouts})
+        )
+    )
+
+
 CORE = "tests/test_core_exactness.py"
 API = "tests/test_core_api.py"
 BATCHES = "tests/test_batches_strategies.py"
 FALLBACKS = "tests/test_fallbacks.py"
 EVAL_TIERS = "tests/test_eval_tiers.py"
 CONSTRUCTION = "tests/test_construction.py"
+DECODE_MASKS = "tests/test_decode_masks.py"
 
 MUTANTS: list[Mutant] = [
     Mutant(
@@ -921,6 +946,32 @@ MUTANTS: list[Mutant] = [
         (
             f"{CONSTRUCTION}::test_calls_under_autocast_neither_use_nor_feed_the_store",
             f"{CONSTRUCTION}::test_calls_in_training_mode_neither_use_nor_feed_the_store",
+        ),
+    ),
+    Mutant(
+        "decode_masks_off",
+        "decode steps of a CPU grouped-query SDPA call get a mask, so SDPA packs the query heads",
+        decode_masks_off,
+        (
+            f"{DECODE_MASKS}::test_cpu_grouped_query_decode_steps_take_the_packed_masked_path_and_stay_exact[llama]",
+        ),
+    ),
+    Mutant(
+        "decode_masks_everywhere",
+        "decode masks only where they help: SDPA with grouped queries on the CPU",
+        decode_masks_everywhere,
+        (
+            f"{DECODE_MASKS}::test_decode_masks_stay_off_where_they_do_not_help[eager]",
+            f"{DECODE_MASKS}::test_decode_masks_stay_off_where_they_do_not_help[no_grouped_queries]",
+        ),
+    ),
+    Mutant(
+        "decode_masks_outside_calls",
+        "is_compileable is reported only during a call that wants decode masks, never under a compile_config",
+        decode_masks_outside_calls,
+        (
+            f"{DECODE_MASKS}::test_cpu_grouped_query_decode_steps_take_the_packed_masked_path_and_stay_exact[llama]",
+            f"{DECODE_MASKS}::test_decode_masks_stay_off_where_they_do_not_help[compile_config]",
         ),
     ),
 ]

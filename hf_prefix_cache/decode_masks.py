@@ -1,0 +1,38 @@
+"""Whether a call's decode steps should get an explicit attention mask, as ``StaticCache``'s do.
+
+For a one-token step without padding transformers drops the mask, and its SDPA integration then runs
+grouped-query attention with ``enable_gqa``. On CPU that kernel reads every K/V head once per query head
+(3x for SmolLM2's 9 query / 3 K/V heads): at 8k tokens of context it cost ~1.3 ms more per layer and step
+than the ``pack_gqa`` path (query heads packed onto their K/V head, each K/V head read once), which
+transformers takes only when a mask is present. It builds one for a single-query step only when the cache
+reports ``is_compileable``. So a ``PrefixCache`` reports it during such a call, and only then: it is never
+compiled (generate() compiles on CPU only when asked to with ``compile_config``, and then the mask is left
+off). On CUDA the mask-free ``enable_gqa`` path is the fast one, so nothing changes there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MIN_CONTEXT_TOKENS = 3072
+
+
+def wants_decode_masks(model: torch.nn.Module, devices: set[torch.device]) -> bool:
+    """True for an SDPA model with grouped-query attention whose K/V all live on the CPU."""
+    config = model.config
+    text = config.get_text_config(decoder=True)
+    heads = getattr(text, "num_attention_heads", None)
+    kv_heads = getattr(text, "num_key_value_heads", None)
+    return (
+        getattr(config, "_attn_implementation", None) == "sdpa"
+        and isinstance(heads, int)
+        and isinstance(kv_heads, int)
+        and 0 < kv_heads < heads
+        and bool(devices)
+        and all(device.type == "cpu" for device in devices)
+    )
+
+
+def long_enough(context_tokens: int) -> bool:
+    """Whether a step over ``context_tokens`` cached tokens reads enough K/V for the packed path to win."""
+    return context_tokens >= MIN_CONTEXT_TOKENS
