@@ -11,6 +11,8 @@ section records the load average, and only ratios measured in the same run mean 
 * ``decode``       - ms per generated token at 1000/2000/4000/8000 tokens of context: plain ``generate()``
   (``DynamicCache``), ``cache_implementation="static"`` and a warm ``PrefixCache``; the step time is the
   median gap between consecutive tokens inside one call, so the prefill is excluded;
+* ``masks``        - the decode-mask threshold (``hf_prefix_cache.decode_masks``): decode steps of one warm
+  call alternate with and without the mask at 1000..8000 tokens, so both halves see the same machine;
 * ``overhead``     - ``lookup_s`` / ``store_s`` at 2k/8k (SmolLM2) and 32k (a tiny Llama) prompt tokens,
   ``WeightsWatch.changed()`` on 272 (SmolLM2) and 362 (a 40-layer tiny Llama) parameter tensors,
   ``hash_blocks`` tokens/s, and the cost of one cache ``update()`` per layer per decode step (the
@@ -40,7 +42,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from hf_prefix_cache import PrefixCache
+from hf_prefix_cache import PrefixCache, decode_masks
 from hf_prefix_cache.compat import CACHE_KWARG
 from hf_prefix_cache.fingerprint import WeightsWatch
 from hf_prefix_cache.hashing import hash_blocks, root_hash
@@ -200,6 +202,77 @@ def bench_decode(
 
 
 # -- per-call overhead -----------------------------------------------------------------------------
+class AlternateMasks(StepClock):
+    """Flips decode masks on/off after every token (via the threshold), recording which way each step ran."""
+
+    NEVER = 2**62
+
+    def __init__(self):
+        super().__init__()
+        self.masked: list[bool] = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        masked_next = decode_masks.MIN_CONTEXT_TOKENS != 0  # the step that just ran was unmasked
+        decode_masks.MIN_CONTEXT_TOKENS = 0 if masked_next else self.NEVER
+        self.masked.append(masked_next)
+        return super().__call__(input_ids, scores, **kwargs)
+
+
+def bench_decode_masks(model, tokenizer, contexts: list[int], new_tokens: int) -> dict:
+    """Per context, one warm call whose steps alternate with / without the decode mask: the ratio of each
+    masked step to the mean of its two neighbours (paired, so machine drift cancels) and both medians."""
+    cache = PrefixCache(model, max_memory="2GiB")
+    threshold = decode_masks.MIN_CONTEXT_TOKENS
+    results: dict = {}
+    try:
+        for context in contexts:
+            ids = text_ids(tokenizer, context)
+            warm_prompt = torch.tensor([[*ids[:-1], tokenizer.eos_token_id]])
+            model.generate(
+                warm_prompt,
+                attention_mask=torch.ones_like(warm_prompt),
+                max_new_tokens=1,
+                do_sample=False,
+                **{CACHE_KWARG: cache},
+            )
+            prompt = torch.tensor([ids])
+            decode_masks.MIN_CONTEXT_TOKENS = AlternateMasks.NEVER
+            clock = AlternateMasks()
+            model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                stopping_criteria=StoppingCriteriaList([clock]),
+                **{CACHE_KWARG: cache},
+            )
+            steps = [(clock.masked[i], b - a) for i, (a, b) in enumerate(zip(clock.times, clock.times[1:]))]
+            paired = [
+                steps[i][1] * 2 / (steps[i - 1][1] + steps[i + 1][1])
+                for i in range(1, len(steps) - 1)
+                if steps[i][0]
+            ]
+            row = {
+                "load": load_average(),
+                "masked_ms": statistics.median(t * 1000 for m, t in steps if m),
+                "unmasked_ms": statistics.median(t * 1000 for m, t in steps if not m),
+                "masked / unmasked (paired median)": statistics.median(paired),
+                "pairs": len(paired),
+            }
+            results[context] = row
+            print(
+                f"  decode masks at {context:5d}: with {row['masked_ms']:.1f}, without {row['unmasked_ms']:.1f} "
+                f"ms/token; with / without {row['masked / unmasked (paired median)']:.3f} over "
+                f"{row['pairs']} pairs (load {row['load']:.2f})",
+                flush=True,
+            )
+    finally:
+        decode_masks.MIN_CONTEXT_TOKENS = threshold
+    results["threshold_tokens"] = threshold
+    return results
+
+
 def tiny_llama(layers: int = 2, positions: int = 40000):
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -350,8 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument(
         "--sections",
-        default="construction,ttft,decode,overhead",
-        help="comma-separated subset of construction,ttft,decode,overhead (default: all)",
+        default="construction,ttft,decode,masks,overhead",
+        help="comma-separated subset of construction,ttft,decode,masks,overhead (default: all)",
     )
     parser.add_argument("--contexts", help="decode context lengths, e.g. 1000,4000 (default 1000..8000)")
     args = parser.parse_args(argv)
@@ -400,6 +473,13 @@ def main(argv: list[str] | None = None) -> int:
         result["decode"] = bench_decode(
             model, tokenizer, contexts, args.new_tokens, repeats=args.decode_repeats
         )
+
+    if "masks" in sections:
+        print(f"decode masks (used from {decode_masks.MIN_CONTEXT_TOKENS} cached tokens on)", flush=True)
+        contexts = [1000, 2000] if args.quick else [1000, 2000, 3000, 4000, 6000, 8000]
+        if args.contexts:
+            contexts = [int(c) for c in args.contexts.split(",")]
+        result["masks"] = bench_decode_masks(model, tokenizer, contexts, 1 + 2 * max(args.new_tokens, 20))
 
     if "overhead" in sections:
         print("per-call overhead", flush=True)
