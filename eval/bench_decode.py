@@ -11,6 +11,9 @@ section records the load average, and only ratios measured in the same run mean 
 * ``decode``       - ms per generated token at 1000/2000/4000/8000 tokens of context: plain ``generate()``
   (``DynamicCache``), ``cache_implementation="static"`` and a warm ``PrefixCache``; the step time is the
   median gap between consecutive tokens inside one call, so the prefill is excluded;
+* ``lockstep``     - the same three caches, each prefilled once, then decoded one step at a time in
+  turn (model forward passes, greedy), so all three see the same moments of the shared machine; the
+  step ratios are per-step (ours / the other at the same step), medians over the steps;
 * ``masks``        - the decode-mask threshold (``hf_prefix_cache.decode_masks``): decode steps of one warm
   call alternate with and without the mask at 1000..8000 tokens, so both halves see the same machine;
 * ``overhead``     - ``lookup_s`` / ``store_s`` at 2k/8k (SmolLM2) and 32k (a tiny Llama) prompt tokens,
@@ -202,6 +205,69 @@ def bench_decode(
 
 
 # -- per-call overhead -----------------------------------------------------------------------------
+LOCKSTEP_MODES = ("no_cache", "static", "prefix_cache")
+
+
+@torch.no_grad()
+def bench_decode_lockstep(model, tokenizer, contexts: list[int], steps: int, seed: int = 0) -> dict:
+    """Per context: prefill a DynamicCache, a StaticCache and a warm PrefixCache on the same prompt, then
+    run ``steps`` greedy decode steps of each, the three modes in a new random order at every step."""
+    cache = PrefixCache(model, max_memory="2GiB")
+    order = random.Random(seed)
+    results: dict = {}
+    for context in contexts:
+        ids = text_ids(tokenizer, context)
+        warm_prompt = torch.tensor([[*ids[:-1], tokenizer.eos_token_id]])
+        model.generate(
+            warm_prompt,
+            attention_mask=torch.ones_like(warm_prompt),
+            max_new_tokens=1,
+            do_sample=False,
+            **{CACHE_KWARG: cache},
+        )
+        prompt = torch.tensor([ids])
+        caches = {
+            "no_cache": DynamicCache(config=model.config),
+            "static": StaticCache(config=model.config, max_cache_len=context + steps + 1),
+            "prefix_cache": cache.prepare(prompt, max_new_tokens=steps + 1),
+        }
+        try:
+            tokens, times = {}, {mode: [] for mode in LOCKSTEP_MODES}
+            for mode, kv in caches.items():
+                fed = prompt[:, kv.get_seq_length() :]  # the PrefixCache holds the stored prefix already
+                logits = model(input_ids=fed, use_cache=True, **{CACHE_KWARG: kv}).logits
+                tokens[mode] = [logits[:, -1].argmax(-1, keepdim=True)]
+            for _ in range(steps):
+                shuffled = list(LOCKSTEP_MODES)
+                order.shuffle(shuffled)
+                for mode in shuffled:
+                    started = time.perf_counter()
+                    logits = model(
+                        input_ids=tokens[mode][-1], past_key_values=caches[mode], use_cache=True
+                    ).logits
+                    tokens[mode].append(logits[:, -1].argmax(-1, keepdim=True))
+                    times[mode].append(time.perf_counter() - started)
+        finally:
+            cache.release()
+        row: dict = {"load": load_average(), "hit_tokens": cache.last_call.hit_tokens}
+        for mode in LOCKSTEP_MODES:
+            row[mode] = statistics.median(times[mode]) * 1000
+        for other in ("no_cache", "static"):
+            per_step = [a / b for a, b in zip(times["prefix_cache"], times[other])]
+            row[f"prefix_cache / {other}"] = statistics.median(per_step)
+        row["same_tokens"] = all(
+            torch.equal(torch.cat(tokens[mode]), torch.cat(tokens["no_cache"])) for mode in LOCKSTEP_MODES
+        )
+        results[context] = row
+        print(
+            f"  lockstep at {context:5d}: no cache {row['no_cache']:.2f}  static {row['static']:.2f}  "
+            f"ours {row['prefix_cache']:.2f} ms/step; ours/no cache {row['prefix_cache / no_cache']:.3f}, "
+            f"ours/static {row['prefix_cache / static']:.3f}  (load {row['load']:.2f})",
+            flush=True,
+        )
+    return results
+
+
 class AlternateMasks(StepClock):
     """Flips decode masks on/off after every token (via the threshold), recording which way each step ran."""
 
@@ -423,8 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument(
         "--sections",
-        default="construction,ttft,decode,masks,overhead",
-        help="comma-separated subset of construction,ttft,decode,masks,overhead (default: all)",
+        default="construction,ttft,decode,lockstep,masks,overhead",
+        help="comma-separated subset of construction,ttft,decode,lockstep,masks,overhead (default: all)",
     )
     parser.add_argument("--contexts", help="decode context lengths, e.g. 1000,4000 (default 1000..8000)")
     args = parser.parse_args(argv)
@@ -474,6 +540,13 @@ def main(argv: list[str] | None = None) -> int:
             model, tokenizer, contexts, args.new_tokens, repeats=args.decode_repeats
         )
 
+    if "lockstep" in sections:
+        print("decode in lockstep (one step of each cache in turn)", flush=True)
+        contexts = [1000, 2000] if args.quick else [1000, 2000, 4000, 8000]
+        if args.contexts:
+            contexts = [int(c) for c in args.contexts.split(",")]
+        result["lockstep"] = bench_decode_lockstep(model, tokenizer, contexts, max(args.new_tokens, 24))
+
     if "masks" in sections:
         print(f"decode masks (used from {decode_masks.MIN_CONTEXT_TOKENS} cached tokens on)", flush=True)
         contexts = [1000, 2000] if args.quick else [1000, 2000, 3000, 4000, 6000, 8000]
@@ -499,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result["load_end"] = load_average()
     mismatches = [c for c, row in result.get("decode", {}).items() if not row["same_tokens"]]
+    mismatches += [f"lockstep {c}" for c, row in result.get("lockstep", {}).items() if not row["same_tokens"]]
     mismatches += result.get("ttft", {}).get("mismatches", [])
     print(
         f"outputs different from no cache: {mismatches or 'none'}; load at the end {result['load_end']:.2f}"
