@@ -243,7 +243,7 @@ def bench_decode_lockstep(model, tokenizer, contexts: list[int], steps: int, see
                 for mode in shuffled:
                     started = time.perf_counter()
                     logits = model(
-                        input_ids=tokens[mode][-1], past_key_values=caches[mode], use_cache=True
+                        input_ids=tokens[mode][-1], use_cache=True, **{CACHE_KWARG: caches[mode]}
                     ).logits
                     tokens[mode].append(logits[:, -1].argmax(-1, keepdim=True))
                     times[mode].append(time.perf_counter() - started)
