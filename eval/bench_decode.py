@@ -131,6 +131,19 @@ def bench_construction(model, tokenizer, budgets: list[str], repeats: int) -> di
 
 
 # -- decode ----------------------------------------------------------------------------------------
+def store_all_but_last(model, tokenizer, cache: PrefixCache, ids: list[int]) -> None:
+    """Store ``ids`` with its last token swapped for EOS: a later call on ``ids`` then hits on every full
+    block but the one holding the last token, which is always computed."""
+    warm_prompt = torch.tensor([[*ids[:-1], tokenizer.eos_token_id]])
+    model.generate(
+        warm_prompt,
+        attention_mask=torch.ones_like(warm_prompt),
+        max_new_tokens=1,
+        do_sample=False,
+        **{CACHE_KWARG: cache},
+    )
+
+
 class StepClock(StoppingCriteria):
     """Timestamps every generated token (the stopping criteria run once per step)."""
 
@@ -157,14 +170,7 @@ def bench_decode(
     for context in contexts:
         ids = text_ids(tokenizer, context)
         torch.manual_seed(0)
-        warm_prompt = torch.tensor([[*ids[:-1], tokenizer.eos_token_id]])
-        model.generate(
-            warm_prompt,
-            attention_mask=torch.ones_like(warm_prompt),
-            max_new_tokens=1,
-            do_sample=False,
-            **{CACHE_KWARG: cache},
-        )
+        store_all_but_last(model, tokenizer, cache, ids)
         prompt = torch.tensor([ids])
         kwargs = dict(
             attention_mask=torch.ones_like(prompt),
@@ -217,14 +223,7 @@ def bench_decode_lockstep(model, tokenizer, contexts: list[int], steps: int, see
     results: dict = {}
     for context in contexts:
         ids = text_ids(tokenizer, context)
-        warm_prompt = torch.tensor([[*ids[:-1], tokenizer.eos_token_id]])
-        model.generate(
-            warm_prompt,
-            attention_mask=torch.ones_like(warm_prompt),
-            max_new_tokens=1,
-            do_sample=False,
-            **{CACHE_KWARG: cache},
-        )
+        store_all_but_last(model, tokenizer, cache, ids)
         prompt = torch.tensor([ids])
         caches = {
             "no_cache": DynamicCache(config=model.config),
@@ -293,14 +292,7 @@ def bench_decode_masks(model, tokenizer, contexts: list[int], new_tokens: int) -
     try:
         for context in contexts:
             ids = text_ids(tokenizer, context)
-            warm_prompt = torch.tensor([[*ids[:-1], tokenizer.eos_token_id]])
-            model.generate(
-                warm_prompt,
-                attention_mask=torch.ones_like(warm_prompt),
-                max_new_tokens=1,
-                do_sample=False,
-                **{CACHE_KWARG: cache},
-            )
+            store_all_but_last(model, tokenizer, cache, ids)
             prompt = torch.tensor([ids])
             decode_masks.MIN_CONTEXT_TOKENS = AlternateMasks.NEVER
             clock = AlternateMasks()
