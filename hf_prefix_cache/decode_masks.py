@@ -12,8 +12,8 @@ off). On CUDA the mask-free ``enable_gqa`` path is the fast one, so nothing chan
 The packed path has fewer work items (one per K/V head instead of one per query head), so while a short
 context's K/V still come from the CPU caches it is the slower one. On a 2-core AVX2 EPYC (32 MiB L3),
 SmolLM2 decode steps with / without the mask, alternating within one call (``bench_decode --sections
-masks``, two runs): 1.03 / 1.01 at 1k tokens of context, 1.05 / 1.03 at 2k, 0.99 / 1.02 at 3k, 0.98 /
-1.02 at 4k, 0.94 / 0.95 at 6k, 0.90 / 0.87 at 8k. Steps below ``MIN_CONTEXT_TOKENS`` therefore keep
+masks``, two runs): 1.01 / 1.01 at 1k tokens of context, 1.03 / 1.01 at 2k, 1.02 / 1.00 at 3k, 1.02 /
+1.00 at 4k, 0.95 / 0.90 at 6k, 0.87 / 0.85 at 8k. Steps below ``MIN_CONTEXT_TOKENS`` therefore keep
 transformers' default.
 """
 
