@@ -106,3 +106,14 @@ def test_decode_masks_stay_off_where_they_do_not_help(case, monkeypatch):
     prompt, out, flags = warm_call(model, cache, store_prefix(model, cache), **extra)
     assert flags == [False] * 6
     assert_same_output(greedy(model, prompt, max_new_tokens=6, min_new_tokens=6), out)
+
+
+def test_beam_search_with_decode_masks_matches_no_cache(monkeypatch):
+    """Beams reorder the cache rows between masked steps."""
+    monkeypatch.setattr(decode_masks, "MIN_CONTEXT_TOKENS", 0)
+    model = tiny_model("llama")
+    cache = PrefixCache(model, block_size=4, num_blocks=64)
+    beams = dict(num_beams=3, num_return_sequences=2)
+    prompt, out, flags = warm_call(model, cache, store_prefix(model, cache), **beams)
+    assert flags == [True] * 6
+    assert_same_output(greedy(model, prompt, max_new_tokens=6, min_new_tokens=6, **beams), out)

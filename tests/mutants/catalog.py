@@ -954,6 +954,7 @@ MUTANTS: list[Mutant] = [
         decode_masks_off,
         (
             f"{DECODE_MASKS}::test_cpu_grouped_query_decode_steps_take_the_packed_masked_path_and_stay_exact[llama]",
+            f"{DECODE_MASKS}::test_beam_search_with_decode_masks_matches_no_cache",
         ),
     ),
     Mutant(
