@@ -247,11 +247,11 @@ class PrefixCache(DynamicCache):
                 logger.info("model weights changed: earlier blocks will no longer match")
         return self._namespace + adapter_namespace(self.model)
 
-    def _off_default(self) -> str | None:
-        """Why K/V computed now would differ from those the model computes by default (and the store
-        holds): under autocast values come out in bf16; in training mode dropout changes hidden states."""
-        devices = {layout.device.type for layout in self.store.layouts}
-        if any(torch.is_autocast_enabled(device) for device in devices):
+    def _off_default(self, device_types: set[str]) -> str | None:
+        """Why K/V computed now on ``device_types`` would differ from those the model computes by default
+        (and the store holds): under autocast values come out in bf16; in training mode dropout changes
+        hidden states."""
+        if any(torch.is_autocast_enabled(device) for device in device_types):
             return UNDER_AUTOCAST
         if self.model.training:  # model.train(); a single fresh submodule in training mode is no sign
             return "the model is in training mode, where dropout changes the K/V; call model.eval()"
@@ -298,10 +298,9 @@ class PrefixCache(DynamicCache):
                 return self
             size = self.block_size
             call = self._call = CallState(self.namespace, rows, ids.shape[1], num_expand)
-            call.off_default = self._off_default()
-            call.decode_masks = wants_decode_masks(
-                self.model, {layout.device for layout in self.store.layouts}
-            )
+            device_types = {layout.device.type for layout in self.store.layouts}
+            call.off_default = self._off_default(device_types)
+            call.decode_masks = wants_decode_masks(self.model, device_types)
             reserve_room(self.layers, ids.shape[1], max_new_tokens)
             sources: list[list[str]] = [[] for _ in rows]  # the tier of each hit block, per row
             for row, row_sources in zip(rows, sources):

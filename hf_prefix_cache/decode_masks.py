@@ -24,7 +24,7 @@ import torch
 MIN_CONTEXT_TOKENS = 4096
 
 
-def wants_decode_masks(model: torch.nn.Module, devices: set[torch.device]) -> bool:
+def wants_decode_masks(model: torch.nn.Module, device_types: set[str]) -> bool:
     """True for an SDPA model with grouped-query attention whose K/V all live on the CPU."""
     config = model.config
     text = config.get_text_config(decoder=True)
@@ -35,8 +35,7 @@ def wants_decode_masks(model: torch.nn.Module, devices: set[torch.device]) -> bo
         and isinstance(heads, int)
         and isinstance(kv_heads, int)
         and 0 < kv_heads < heads
-        and bool(devices)
-        and all(device.type == "cpu" for device in devices)
+        and device_types == {"cpu"}
     )
 
 

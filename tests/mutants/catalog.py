@@ -565,7 +565,7 @@ def off_default_calls_use_the_store() -> None:
     """A call under torch.autocast (or in training mode) looks its prompt up and reuses stored blocks."""
     from hf_prefix_cache import PrefixCache
 
-    PrefixCache._off_default = lambda self: None
+    PrefixCache._off_default = lambda self, device_types: None
 
 
 def off_default_calls_feed_the_store() -> None:
@@ -600,7 +600,7 @@ def decode_masks_outside_calls() -> None:
     PrefixCache.is_compileable = property(
         lambda self: (
             self.store is not None
-            and wants_decode_masks(self.model, {layout.device for layout in self.store.layouts})
+            and wants_decode_masks(self.model, {layout.device.type for layout in self.store.layouts})
         )
     )
 
