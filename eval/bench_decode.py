@@ -464,6 +464,16 @@ def bench_overhead(smollm2, quick: bool) -> dict:
     return out
 
 
+DECODE_CONTEXTS = [1000, 2000, 4000, 8000]
+
+
+def contexts_of(args, full: list[int]) -> list[int]:
+    """The context lengths a decode section runs: ``--contexts``, else 1k and 2k with ``--quick``, else ``full``."""
+    if args.contexts:
+        return [int(c) for c in args.contexts.split(",")]
+    return [1000, 2000] if args.quick else full
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -525,25 +535,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if "decode" in sections:
         print("decode", flush=True)
-        contexts = [1000, 2000] if args.quick else [1000, 2000, 4000, 8000]
-        if args.contexts:
-            contexts = [int(c) for c in args.contexts.split(",")]
         result["decode"] = bench_decode(
-            model, tokenizer, contexts, args.new_tokens, repeats=args.decode_repeats
+            model, tokenizer, contexts_of(args, DECODE_CONTEXTS), args.new_tokens, repeats=args.decode_repeats
         )
 
     if "lockstep" in sections:
         print("decode in lockstep (one step of each cache in turn)", flush=True)
-        contexts = [1000, 2000] if args.quick else [1000, 2000, 4000, 8000]
-        if args.contexts:
-            contexts = [int(c) for c in args.contexts.split(",")]
+        contexts = contexts_of(args, DECODE_CONTEXTS)
         result["lockstep"] = bench_decode_lockstep(model, tokenizer, contexts, max(args.new_tokens, 24))
 
     if "masks" in sections:
         print(f"decode masks (used from {decode_masks.MIN_CONTEXT_TOKENS} cached tokens on)", flush=True)
-        contexts = [1000, 2000] if args.quick else [1000, 2000, 3000, 4000, 6000, 8000]
-        if args.contexts:
-            contexts = [int(c) for c in args.contexts.split(",")]
+        contexts = contexts_of(args, [1000, 2000, 3000, 4000, 6000, 8000])
         result["masks"] = bench_decode_masks(model, tokenizer, contexts, 1 + 2 * max(args.new_tokens, 20))
 
     if "overhead" in sections:
