@@ -978,6 +978,22 @@ MUTANTS: list[Mutant] = [
 ]
 
 
+def _area_mutants() -> list[Mutant]:
+    """Mutants kept in their own modules, one per area of the library (``area_<name>.py`` beside this
+    file, each with its own ``MUTANTS`` list), so that areas grow without touching one shared list."""
+    import pkgutil
+    from pathlib import Path
+
+    found: list[Mutant] = []
+    for info in sorted(pkgutil.iter_modules([str(Path(__file__).parent)]), key=lambda i: i.name):
+        if info.name.startswith("area_"):
+            found.extend(importlib.import_module(f"mutants.{info.name}").MUTANTS)
+    return found
+
+
+MUTANTS += _area_mutants()
+
+
 def by_name(name: str) -> Mutant:
     for mutant in MUTANTS:
         if mutant.name == name:
