@@ -32,8 +32,17 @@ ASSISTED_KWARGS = (
     "assistant_early_exit",
     "assistant_tokenizer",
 )
-# kwargs with a fallback reason of their own (_call_fallback_reason)
-CHECKED_KWARGS = (*ASSISTED_KWARGS, "custom_generate")
+# kwargs with a fallback reason of their own: _call_fallback_reason, and _config_reason for the
+# GenerationConfig fields (checked wherever they were set: kwargs, a generation_config, the model's)
+CHECKED_KWARGS = (
+    *ASSISTED_KWARGS,
+    "custom_generate",
+    "output_hidden_states",
+    "output_attentions",
+    "token_healing",
+    "cache_implementation",
+    "continuous_batching_config",
+)
 # generate()'s own parameters, in order: what positional arguments after the prompt stand for
 GENERATE_PARAMETERS = (
     "inputs",
@@ -51,8 +60,7 @@ GENERATE_PARAMETERS = (
 # The generate() kwargs a served call may carry: each either never reaches the model's forward or reaches
 # it without changing K/V, so the K/V of a call are a function of its token ids (and the namespace). Any
 # other kwarg that is not None (inputs_embeds, position_ids, token_type_ids, PEFT adapter_names, a model's
-# own forward kwargs...) falls back. Checked on the GenerationConfig wherever they were set:
-# _config_reason (outputs the prefix would lack, fields that change the prompt or the cache).
+# own forward kwargs...) falls back.
 SERVED_KWARGS = frozenset(
     {
         # the prompt, its 2-D left-padded mask (checked) and the cache
