@@ -128,16 +128,24 @@ def test_a_kwarg_outside_the_allow_list_falls_back_and_names_it(model):
     assert cache.last_call.hit_tokens == 28
 
 
-def test_kwargs_on_the_allow_list_are_still_served(model):
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(
+            repetition_penalty=1.3,
+            no_repeat_ngram_size=3,
+            min_new_tokens=2,
+            output_scores=True,
+            inputs_embeds=None,  # None is absent
+            position_ids=None,
+        ),
+        # classifier-free guidance: its unconditional forward runs on a cache of its own
+        dict(guidance_scale=1.5, negative_prompt_ids=random_ids(5, seed=90)),
+    ],
+    ids=["processors", "guidance"],
+)
+def test_kwargs_on_the_allow_list_are_still_served(model, kwargs):
     cache, prompt = stored_prompt(model, seed=69)
-    kwargs = dict(
-        repetition_penalty=1.3,
-        no_repeat_ngram_size=3,
-        min_new_tokens=2,
-        output_scores=True,
-        inputs_embeds=None,  # None is absent
-        position_ids=None,
-    )
     actual, messages = recorded(lambda: run(model, cache, prompt, **kwargs))
     assert_same_output(greedy(model, prompt, **kwargs), actual)
     assert not messages and cache.last_call.hit_tokens == 28
