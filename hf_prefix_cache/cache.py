@@ -41,7 +41,7 @@ from .layout import (
     remember_layout,
 )
 from .prompt_rows import PromptRow, as_batch, split_rows
-from .recording import record_call, replies_of
+from .recording import as_sequences, prompt_mismatch, record_call, replies_of
 from .stats import CacheStats, CallStats
 from .store import BlockStore
 from .support import unsupported_reason
@@ -56,8 +56,9 @@ class PrefixCacheFallbackWarning(UserWarning):
 
 
 BUSY = (
-    "this PrefixCache is serving a call on another thread; one PrefixCache serves one call at a time: give "
-    "each thread its own view, PrefixCache(model, store=cache.store) (views share every stored block)"
+    "this PrefixCache is serving another call (on another thread, or the generate() this call was made "
+    "from); one PrefixCache serves one call at a time: give each thread or nested call its own view, "
+    "PrefixCache(model, store=cache.store) (views share every stored block)"
 )
 UNPREPARED = (
     "generate() got a PrefixCache that did not look its prompt up: the generate() wrapper was removed "
@@ -298,6 +299,7 @@ class PrefixCache(DynamicCache):
                 return self
             size = self.block_size
             call = self._call = CallState(self.namespace, rows, ids.shape[1], num_expand)
+            call.prompt_ids = ids.tolist()
             device_types = {layout.device.type for layout in self.store.layouts}
             call.off_default = self._off_default(device_types)
             call.decode_masks = wants_decode_masks(self.model, device_types)
@@ -326,15 +328,21 @@ class PrefixCache(DynamicCache):
         """Store the prompt's blocks (and the reply's, given ``generate()``'s ``sequences``), then release.
 
         Rows that stopped early keep their reply up to the stop token; padding is never stored.
+        ``sequences`` that do not start with the prepared prompt, row for row, belong to another call:
+        nothing is stored (counted in ``stats.refused_calls``).
         """
         self._check_owner()
         call, stats = self._call, self.last_call
         started = time.perf_counter()
         try:
             if call is not None and self.store is not None and not call.rows_changed:
-                replies = replies_of(call, sequences, *self._stop_and_pad(eos_token_id, pad_token_id))
-                slots = self._captured_slots(call)
-                problem = self._unstorable(call, slots, sequences if replies else None)
+                sequences, problem = as_sequences(sequences)
+                if problem is None and sequences is not None:
+                    problem = prompt_mismatch(call, sequences)
+                if problem is None:
+                    replies = replies_of(call, sequences, *self._stop_and_pad(eos_token_id, pad_token_id))
+                    slots = self._captured_slots(call)
+                    problem = self._unstorable(call, slots, sequences if replies else None)
                 if problem is None and isinstance(slots, int) and slots > call.loaded:
                     problem = self._layout_problem()
                 if problem is not None:
@@ -456,7 +464,9 @@ class PrefixCache(DynamicCache):
         """Mark this thread as serving the call; a second thread gets an error naming the fix."""
         me = threading.get_ident()
         with self._owner_lock:
-            if self._owner is not None and self._owner != me:
+            # on this thread too while the wrapper's generate() runs: a call from inside it (a logits
+            # processor) would drop the layers of the call in flight
+            if self._owner is not None and (self._owner != me or self._generating):
                 raise RuntimeError(BUSY)
             self._owner = me
 

@@ -23,6 +23,7 @@ class CallState:
         self.rows = rows
         self.loaded = 0  # slots placed from the store: the common cut min(pad + hit) over rows
         self.width = width  # padded prompt length
+        self.prompt_ids: list[list[int]] = []  # the prepared input_ids, pads included (commit checks them)
         self.expand = expand  # cache rows per prompt (num_beams / num_return_sequences)
         self.rows_reordered = False  # beam search moved rows: only prompt slots are still per-prompt
         self.rows_changed = False  # rows added or dropped: nothing can be attributed any more

@@ -34,21 +34,61 @@ def record_call(
                 break  # without replies every expanded row holds the same prompt
 
 
+def as_sequences(sequences) -> tuple[torch.Tensor | None, str | None]:
+    """``generate()``'s sequences as a ``[rows, length]`` tensor (one row may come 1-D), or why not."""
+    if sequences is None:
+        return None, None
+    if not isinstance(sequences, torch.Tensor):
+        try:
+            sequences = torch.as_tensor(sequences)
+        except (TypeError, ValueError, RuntimeError):
+            return None, "the sequences given to commit() are not a tensor of token ids"
+    if sequences.dim() == 1:
+        sequences = sequences.unsqueeze(0)
+    if sequences.dim() != 2:
+        return (
+            None,
+            f"the sequences given to commit() have shape {tuple(sequences.shape)}, not [rows, length]",
+        )
+    return sequences, None
+
+
+def prompt_mismatch(call: CallState, sequences: torch.Tensor) -> str | None:
+    """Why ``sequences`` are not the output of this prepared call: each of its rows must start with the
+    prepared ``input_ids`` row (pads included) that it continues. ``num_return_sequences`` / beams give
+    every prompt the same number of rows, at most ``call.expand``, in prompt order; beam search reorders
+    rows only within a prompt's group, whose prompt part is the same."""
+    prompts = len(call.prompt_ids)
+    count = sequences.shape[0]
+    if count == 0 or count % prompts or count // prompts > call.expand:
+        return (
+            f"commit() got {count} sequences for the {prompts} prompt(s) prepared "
+            f"(x{call.expand}): they belong to another call"
+        )
+    if sequences.shape[1] < call.width:
+        return (
+            f"commit() got sequences of {sequences.shape[1]} tokens, shorter than the {call.width} of the "
+            "prepared prompt: they belong to another call"
+        )
+    per = count // prompts
+    for source, prompt in enumerate(sequences[:, : call.width].tolist()):
+        if prompt != call.prompt_ids[source // per]:
+            return (
+                f"row {source} of the sequences given to commit() does not start with the prompt that "
+                "prepare() looked up: they belong to another call, whose K/V the layers hold"
+            )
+    return None
+
+
 def replies_of(call: CallState, sequences, stop_ids: set[int], pad_id: int | None) -> list[list[int]] | None:
-    """Reply tokens per cache row, or None when rows can no longer be attributed to ``sequences``."""
+    """Reply tokens per cache row, or None when rows can no longer be attributed to ``sequences``
+    (whose prompts ``prompt_mismatch`` checked)."""
     if sequences is None or call.rows_reordered:
         return None
-    if sequences.dim() != 2 or sequences.shape[0] != len(call.rows) * call.expand:
+    if sequences.shape[0] != len(call.rows) * call.expand:
         return None
-    prompts = sequences[:, : call.width].tolist()
     generated = sequences[:, call.width :].tolist()
-    replies = []
-    for source, tokens in enumerate(generated):
-        row = call.rows[source // call.expand]
-        if prompts[source][row.pad :] != row.tokens:
-            return None  # not the sequences of this call
-        replies.append(reply_tokens(tokens, stop_ids, pad_id))
-    return replies
+    return [reply_tokens(tokens, stop_ids, pad_id) for tokens in generated]
 
 
 def extend_hashes(root: bytes, hashes: list[bytes], tokens: list[int], block_size: int, extra_keys) -> list:

@@ -1,0 +1,195 @@
+"""Mutants of issue 19, items 1 and 2: only calls whose K/V are a function of their token ids are served,
+and commit() stores only the sequences of the call it prepared (tests/test_misuse_calls.py)."""
+
+from __future__ import annotations
+
+from mutants.catalog import Mutant, replace_function
+
+CALLS = "tests/test_misuse_calls.py"
+
+
+def allow_list_lets_inputs_embeds_through() -> None:
+    """inputs_embeds beside input_ids is on the wrapper's allow-list."""
+    from hf_prefix_cache import hook
+
+    hook.SERVED_KWARGS = hook.SERVED_KWARGS | {"inputs_embeds"}
+
+
+def allow_list_off() -> None:
+    """Any kwarg (position_ids, a model's forward kwargs...) is served."""
+    replace_function("hf_prefix_cache.hook", "_unserved_kwargs", lambda original: lambda kwargs: None)
+
+
+def custom_masks_served() -> None:
+    """An attention_mask that is not [batch, length] like the prompt (a 4-D mask) is served."""
+
+    def make(reason):
+        def without_the_mask_check(cache, config, input_ids, kwargs):
+            mask = kwargs.get("attention_mask")
+            if mask is not None and mask.dim() != 2:
+                kwargs = {k: v for k, v in kwargs.items() if k != "attention_mask"}
+            return reason(cache, config, input_ids, kwargs)
+
+        return without_the_mask_check
+
+    replace_function("hf_prefix_cache.hook", "_call_fallback_reason", make)
+
+
+def hidden_states_served() -> None:
+    """The wrapper does not see output_hidden_states / output_attentions: hits serve them."""
+
+    def make(effective_config):
+        def blind(*args, **kwargs):
+            config = effective_config(*args, **kwargs)
+            config.output_hidden_states = config.output_attentions = False
+            return config
+
+        return blind
+
+    replace_function("hf_prefix_cache.hook", "_effective_config", make)
+
+
+def reentry_passes_through() -> None:
+    """generate() re-entered from inside a call on the same cache runs on the outer call's layers."""
+    replace_function("hf_prefix_cache.hook", "_reentered", lambda original: lambda: False)
+
+
+def peft_inner_call_refused() -> None:
+    """PeftModel.generate's own call of the wrapped base model's generate() is refused as a re-entry."""
+    replace_function("hf_prefix_cache.hook", "_reentered", lambda original: lambda: True)
+
+
+def prepare_reentry_claimed() -> None:
+    """prepare() from inside the wrapper's generate() on the same thread takes the call in flight over."""
+    from hf_prefix_cache import PrefixCache
+
+    claim = PrefixCache._claim
+
+    def ignores_the_call_in_flight(self):
+        generating, self._generating = self._generating, False
+        try:
+            claim(self)
+        finally:
+            self._generating = generating
+
+    PrefixCache._claim = ignores_the_call_in_flight
+
+
+def commit_skips_the_prompt_check() -> None:
+    """commit() stores the prepared prompt's blocks whatever sequences it is given."""
+    replace_function("hf_prefix_cache.recording", "prompt_mismatch", lambda original: lambda *args: None)
+
+
+def commit_ignores_padding() -> None:
+    """commit() compares only each row's real tokens, not where they start (its left padding)."""
+
+    def make(prompt_mismatch):
+        def real_tokens_only(call, sequences):
+            rows = len(call.prompt_ids)
+            if sequences.shape[0] % rows or sequences.shape[1] < call.width:
+                return prompt_mismatch(call, sequences)
+            per = sequences.shape[0] // rows
+            for source, prompt in enumerate(sequences[:, : call.width].tolist()):
+                row = call.rows[source // per]
+                if prompt[row.pad :] != row.tokens:
+                    return "another call"
+            return None
+
+        return real_tokens_only
+
+    replace_function("hf_prefix_cache.recording", "prompt_mismatch", make)
+
+
+def commit_wants_every_expanded_row() -> None:
+    """commit() refuses beam search's sequences when num_return_sequences < num_beams."""
+
+    def make(prompt_mismatch):
+        def strict(call, sequences):
+            if sequences.shape[0] != len(call.prompt_ids) * call.expand:
+                return "rows missing"
+            return prompt_mismatch(call, sequences)
+
+        return strict
+
+    replace_function("hf_prefix_cache.recording", "prompt_mismatch", make)
+
+
+MUTANTS: list[Mutant] = [
+    Mutant(
+        "calls_allow_list_lets_inputs_embeds_through",
+        "calls with inputs_embeds beside input_ids fall back and store nothing",
+        allow_list_lets_inputs_embeds_through,
+        (
+            f"{CALLS}::test_inputs_embeds_beside_input_ids_fall_back_instead_of_hitting_the_ids_blocks",
+            f"{CALLS}::test_inputs_embeds_beside_input_ids_store_nothing_under_the_ids",
+        ),
+    ),
+    Mutant(
+        "calls_allow_list_off",
+        "position_ids and any kwarg outside the allow-list fall back and store nothing",
+        allow_list_off,
+        (
+            f"{CALLS}::test_position_ids_fall_back_exactly",
+            f"{CALLS}::test_position_ids_store_no_shifted_kv",
+            f"{CALLS}::test_a_kwarg_outside_the_allow_list_falls_back_and_names_it",
+        ),
+    ),
+    Mutant(
+        "calls_custom_masks_served",
+        "a 4-D attention mask falls back to what generate() does without a cache",
+        custom_masks_served,
+        (f"{CALLS}::test_a_4d_attention_mask_gets_what_generate_gives_without_a_cache",),
+    ),
+    Mutant(
+        "calls_hidden_states_served",
+        "output_hidden_states / output_attentions fall back: they cover the whole prompt",
+        hidden_states_served,
+        tuple(
+            f"{CALLS}::test_hidden_states_and_attentions_cover_the_whole_prompt[{output}-{how}]"
+            for output in ("hidden_states", "attentions")
+            for how in ("kwargs", "generation_config")
+        ),
+    ),
+    Mutant(
+        "calls_reentry_passes_through",
+        "generate() re-entered with a cache mid-call on the same thread is refused",
+        reentry_passes_through,
+        (f"{CALLS}::test_generate_reentered_with_the_busy_cache_is_refused",),
+    ),
+    Mutant(
+        "calls_peft_inner_call_refused",
+        "PeftModel.generate calling the wrapped base model's generate() is one call, not a re-entry",
+        peft_inner_call_refused,
+        ("tests/test_peft.py::test_switching_adapters_is_exact_and_hits_stay_within_an_adapter[both]",),
+    ),
+    Mutant(
+        "calls_prepare_reentry_claimed",
+        "prepare() from inside a wrapped generate() on the same cache is refused",
+        prepare_reentry_claimed,
+        (f"{CALLS}::test_prepare_from_inside_the_busy_cache_is_refused",),
+    ),
+    Mutant(
+        "calls_commit_skips_the_prompt_check",
+        "commit() refuses sequences that do not start with the prepared prompt",
+        commit_skips_the_prompt_check,
+        (
+            f"{CALLS}::test_commit_refuses_the_sequences_of_another_call",
+            f"{CALLS}::test_commit_checks_rows_with_their_padding",
+        ),
+    ),
+    Mutant(
+        "calls_commit_ignores_padding",
+        "commit() checks each row's prompt with its left padding (where its tokens start)",
+        commit_ignores_padding,
+        (f"{CALLS}::test_commit_checks_rows_with_their_padding",),
+    ),
+    Mutant(
+        "calls_commit_wants_every_expanded_row",
+        "commit() accepts beam search's num_return_sequences < num_beams rows",
+        commit_wants_every_expanded_row,
+        (
+            f"{CALLS}::test_commit_accepts_expanded_and_beam_reordered_rows[False-beams_return_2]",
+            f"{CALLS}::test_commit_accepts_expanded_and_beam_reordered_rows[True-beams_return_2]",
+        ),
+    ),
+]
