@@ -5,6 +5,7 @@ parent kills (and the test fails) if it does not finish in time."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import threading
@@ -32,22 +33,31 @@ def wait_for(pid: int, limit: float) -> int | None:
     return None
 
 
-def test_a_forked_child_flushes_and_exits_while_the_parents_writer_holds_an_item(tmp_path, monkeypatch):
+def held_tier(tmp_path, monkeypatch):
+    """A disk tier whose writer (in this process only) is inside its first write until ``release`` is
+    set, with a second block queued behind it; and three blocks, the third for a child to write."""
     parent = os.getpid()
     entered, release = threading.Event(), threading.Event()
     real = disk_module.write_file
 
-    def held(path, data, fsync):  # the parent's writer stays inside its first write until released
+    def held(path, data, fsync):
         if os.getpid() == parent:
             entered.set()
             release.wait(60)
+        else:  # a child's write takes a while: it lands only if the child's exit waits for it
+            time.sleep(0.5)
         return real(path, data, fsync)
 
     monkeypatch.setattr(disk_module, "write_file", held)
     tier = DiskTier(tmp_path, LAYOUT)
     _, blocks = synthetic_chain(list(range(10, 10 + 3 * BLOCK)))
-    tier.put(tier_ns(), blocks[:2])  # block 0 in the writer's hands, block 1 queued behind it
+    tier.put(tier_ns(), blocks[:2])
     assert entered.wait(30)
+    return tier, blocks, release
+
+
+def test_a_forked_child_flushes_and_exits_while_the_parents_writer_holds_an_item(tmp_path, monkeypatch):
+    tier, blocks, release = held_tier(tmp_path, monkeypatch)
     pid = os.fork()
     if pid == 0:  # the child: never return into pytest
         code = 1
@@ -67,4 +77,32 @@ def test_a_forked_child_flushes_and_exits_while_the_parents_writer_holds_an_item
     assert code == 0, "the child's flush returned but its state was wrong, or its own write did not land"
     assert tier.flush(30) and tier.counters.puts == 2  # the parent's writes land in the parent
     assert all(tier.path(tier_ns(), block.block_hash).exists() for block in blocks)
+    tier.close()
+
+
+def test_a_multiprocessing_fork_child_exits_promptly_and_its_own_writes_land_without_a_flush(
+    tmp_path, monkeypatch
+):
+    """A multiprocessing child (as a DataLoader worker) ends with os._exit, skipping atexit: the exit flush
+    runs as one of its finalizers, so a put without flush() still lands, and nothing waits for the
+    parent's queue."""
+    tier, blocks, release = held_tier(tmp_path, monkeypatch)
+
+    def work():  # puts and returns: no flush()
+        tier.put(tier_ns(), blocks[2:])
+
+    child = multiprocessing.get_context("fork").Process(target=work)
+    try:
+        child.start()
+        child.join(CHILD_LIMIT_S)
+        hung = child.is_alive()
+        if hung:
+            child.kill()
+            child.join()
+    finally:
+        release.set()
+    assert not hung, "the multiprocessing child hung on the parent's queued writes"
+    assert child.exitcode == 0
+    assert tier.path(tier_ns(), blocks[2].block_hash).exists(), "the child's write did not land at its exit"
+    assert tier.flush(30) and tier.counters.puts == 2
     tier.close()

@@ -9,15 +9,16 @@ interpreter exit every live writer is flushed, waiting at most ``EXIT_FLUSH_S`` 
 workers) inherits the queue and count but not the thread; what was queued is the parent's to write. So
 after a fork every writer starts empty in the child (fresh queue, locks and count, no thread): its
 ``flush()`` returns at once and its exit does not wait for the parent's writes. What the child itself
-puts afterwards is written by a thread of its own; a ``multiprocessing`` child exits through
-``os._exit`` (no ``atexit``), so it must call ``cache.flush()`` before its work function returns for
-those writes to land.
+puts afterwards is written by a thread of its own. A ``multiprocessing`` child (DataLoader workers too)
+ends with ``os._exit``, which skips ``atexit``: the exit flush is also registered as a
+``multiprocessing`` finalizer in every such child (any start method), so its writes land there too.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
+import multiprocessing.util
 import os
 import queue
 import threading
@@ -135,6 +136,21 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _ProcessExit:
+    """A module-lifetime object for ``multiprocessing.util.register_after_fork`` (it keeps weak refs)."""
+
+
+_PROCESS_EXIT = _ProcessExit()
+
+
+def _flush_at_process_exit(_: object) -> None:
+    """In a new ``multiprocessing`` child: run the exit flush among its finalizers (it skips ``atexit``)."""
+    multiprocessing.util.Finalize(None, _flush_at_exit, exitpriority=10)
+
+
+multiprocessing.util.register_after_fork(_PROCESS_EXIT, lambda obj: _flush_at_process_exit(obj))
 
 
 @atexit.register

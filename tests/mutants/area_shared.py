@@ -36,6 +36,13 @@ def fork_not_reset() -> None:
     BackgroundWriter._reset_after_fork = lambda self: None
 
 
+def child_exit_flush_off() -> None:
+    """A multiprocessing child's queued writes are lost at its exit (os._exit skips atexit)."""
+    replace_function(
+        "hf_prefix_cache.tiers.writer", "_flush_at_process_exit", lambda original: lambda obj: None
+    )
+
+
 def size_not_checked_before_checksum() -> None:
     """Entries of any size are checksummed (a huge or sparse file is read whole before it is refused)."""
     replace_function(
@@ -90,6 +97,15 @@ MUTANTS: list[Mutant] = [
         fork_not_reset,
         (
             "tests/test_tier_fork.py::test_a_forked_child_flushes_and_exits_while_the_parents_writer_holds_an_item",
+        ),
+    ),
+    Mutant(
+        "child_exit_flush_off",
+        "a multiprocessing child (a DataLoader worker) lands its own queued writes at exit, without flush()",
+        child_exit_flush_off,
+        (
+            "tests/test_tier_fork.py::"
+            "test_a_multiprocessing_fork_child_exits_promptly_and_its_own_writes_land_without_a_flush",
         ),
     ),
     Mutant(
