@@ -106,3 +106,30 @@ def test_a_multiprocessing_fork_child_exits_promptly_and_its_own_writes_land_wit
     assert tier.path(tier_ns(), blocks[2].block_hash).exists(), "the child's write did not land at its exit"
     assert tier.flush(30) and tier.counters.puts == 2
     tier.close()
+
+
+def _spawned_worker(folder: str) -> None:
+    """A spawn-context child's work: put one block whose write takes a while, return without flush()."""
+    from hf_prefix_cache.tiers import DiskTier
+    from hf_prefix_cache.tiers import disk as disk_module
+
+    real = disk_module.write_file
+
+    def slow(path, data, fsync):
+        time.sleep(0.5)
+        return real(path, data, fsync)
+
+    disk_module.write_file = slow
+    _, blocks = synthetic_chain(list(range(10, 10 + BLOCK)))
+    DiskTier(folder, LAYOUT).put(tier_ns(), blocks)
+
+
+def test_a_spawned_child_lands_its_writes_at_exit_without_a_flush(tmp_path):
+    child = multiprocessing.get_context("spawn").Process(target=_spawned_worker, args=(str(tmp_path),))
+    child.start()
+    child.join(60)
+    if child.is_alive():
+        child.kill()
+        child.join()
+    assert child.exitcode == 0
+    assert len(list(tmp_path.rglob("*.kvb"))) == 1, "the spawned child's write did not land at its exit"

@@ -11,7 +11,8 @@ after a fork every writer starts empty in the child (fresh queue, locks and coun
 ``flush()`` returns at once and its exit does not wait for the parent's writes. What the child itself
 puts afterwards is written by a thread of its own. A ``multiprocessing`` child (DataLoader workers too)
 ends with ``os._exit``, which skips ``atexit``: the exit flush is also registered as a
-``multiprocessing`` finalizer in every such child (any start method), so its writes land there too.
+``multiprocessing`` finalizer in every such child (any start method, whether this module came with the
+fork or is first imported in the child), so its writes land there too.
 """
 
 from __future__ import annotations
@@ -162,3 +163,7 @@ def _flush_at_exit() -> None:
         if left <= 0 or not writer.flush(left):
             logger.warning("%s: exit flush timed out; some blocks were not written", writer.name)
             break
+
+
+if multiprocessing.parent_process() is not None:  # first imported inside a running child (spawn)
+    _flush_at_process_exit(None)
