@@ -66,6 +66,12 @@ UNPREPARED = (
     "into this one; call hf_prefix_cache.install(model) again, or cache.prepare(input_ids, attention_mask) "
     "before generate() and cache.commit(out.sequences) after it"
 )
+MERGED = (
+    "generate() of a {running} got a PrefixCache made for the PEFT model {mine} that wrapped it: after "
+    "merge_and_unload() or unload() the merged model is a model of its own (other weights, other K/V, no "
+    "generate() wrapper). Make a cache for it that shares the stored blocks: PrefixCache(merged, "
+    "store=cache.store)"
+)
 REUSE_OFF = "prefix reuse is off for this model: {}; it will be recomputed every call"
 UNDER_AUTOCAST = "it ran under torch.autocast, whose K/V differ from what the model computes without it"
 _GENERATE_CODE = inspect.unwrap(GenerationMixin.generate).__code__  # its decorators share their code
@@ -82,6 +88,20 @@ def _calling_module() -> torch.nn.Module | None:
             return owner
         frame = frame.f_back
     return None
+
+
+def _unprepared(model: torch.nn.Module) -> str:
+    """Why generate() got an unprepared cache: MERGED when it runs on another model than the PEFT model the
+    cache was made for (its merged or unloaded base), else UNPREPARED."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _GENERATE_CODE:
+            running = frame.f_locals.get("self")
+            if running is not None and running is not model and hasattr(model, "peft_config"):
+                return MERGED.format(running=type(running).__name__, mine=type(model).__name__)
+            break
+        frame = frame.f_back
+    return UNPREPARED
 
 
 def _inside_generate() -> bool:
@@ -118,6 +138,9 @@ class PrefixCache(DynamicCache):
         remote_ttl: seconds a block stays on the server after it was last stored (default: until the
             server's ``maxmemory`` policy evicts it).
         remote_timeout: the most one round trip to the server may take, connect or read (0.25 s).
+        tier_secret: a secret (at least 16 bytes; default ``$HF_PREFIX_CACHE_TIER_SECRET``) that
+            authenticates every disk and remote entry with a MAC: entries without a valid one (forged by
+            anyone who can write the folder or server, or written with another or no secret) are misses.
     """
 
     def __init__(
@@ -139,6 +162,7 @@ class PrefixCache(DynamicCache):
         key_prefix: str | None = None,
         remote_ttl: float | None = None,
         remote_timeout: float | None = None,
+        tier_secret: str | bytes | None = None,
     ):
         self.model = model
         self._warned: set[str] = set()  # fallback messages already shown: each is shown once
@@ -157,7 +181,7 @@ class PrefixCache(DynamicCache):
         self.fallback: str | None = unsupported_reason(model)
         self.store: BlockStore | None = None
         layers = None
-        tiered = host_memory is not None or disk is not None or disk_size is not None or remote is not None
+        tiered = any(x is not None for x in (host_memory, disk, disk_size, remote, tier_secret))
         if self.fallback is None:
             try:
                 layouts, confirmed = self._layouts(model, probe=tiered)
@@ -181,7 +205,9 @@ class PrefixCache(DynamicCache):
                             "PrefixCache, and store=cache.store to the others"
                         )
                     self.store.attach_tiers(
-                        make_tiers(layouts, host_memory, disk, disk_size, remote, **remote_options)
+                        make_tiers(
+                            layouts, host_memory, disk, disk_size, remote, tier_secret, **remote_options
+                        )
                     )
                 layers = [
                     PrefixSlidingLayer(layout.sliding_window) if layout.sliding_window else PrefixFullLayer()
@@ -494,7 +520,7 @@ class PrefixCache(DynamicCache):
             self._check_owner()
             call = self._call
             if call is None and self.store is not None and _inside_generate():
-                raise RuntimeError(UNPREPARED)
+                raise RuntimeError(_unprepared(self.model))
             if call is not None and self._verified_call is not call:
                 self._check_module(_calling_module())
                 self._verified_call = call

@@ -28,27 +28,28 @@ _UNITS = {
 }
 
 
-def parse_bytes(size: int | float | str) -> int:
-    """Return ``size`` in bytes; accepts numbers and strings like ``"512MiB"``, ``"1.5 GB"`` or ``"1.5e3"``."""
+def parse_bytes(size: int | float | str, name: str = "max_memory") -> int:
+    """Return ``size`` in bytes; accepts numbers and strings like ``"512MiB"``, ``"1.5 GB"`` or ``"1.5e3"``.
+    ``name`` is the argument named in errors."""
     if isinstance(size, bool) or not isinstance(size, (numbers.Real, str)):
         raise TypeError(
-            f"max_memory must be a number of bytes or a string like '512MiB', not {type(size).__name__}"
+            f"{name} must be a number of bytes or a string like '512MiB', not {type(size).__name__}"
         )
     if isinstance(size, str):
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", size)
         unit = match.group(2).lower() if match else None
         if match is None or unit not in _UNITS:
             raise ValueError(
-                f"cannot read {size!r} as a size; write e.g. 512MiB, 2GiB, 1.5GB or a number of bytes"
+                f"cannot read {name}={size!r} as a size; write e.g. 512MiB, 2GiB, 1.5GB or a number of bytes"
             )
         number = float(match.group(1)) * _UNITS[unit]
     else:
         number = float(size)
     if not math.isfinite(number):
-        raise ValueError(f"max_memory must be a finite size like '512MiB', got {size!r}")
+        raise ValueError(f"{name} must be a finite size like '512MiB', got {size!r}")
     value = int(number)
     if value <= 0:
-        raise ValueError(f"max_memory must be positive, got {size!r}")
+        raise ValueError(f"{name} must be positive, got {size!r}")
     return value
 
 

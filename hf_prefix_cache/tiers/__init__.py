@@ -6,7 +6,7 @@ format of one block; ``TierStack`` is the policy between the pool and the tiers.
 
 from .base import BlockData, BlockRequest, Tier, TierCounters, TierWarning
 from .disk import DiskTier
-from .entry import FORMAT_VERSION, EntryError, decode, encode
+from .entry import FORMAT_VERSION, EntryError, TierKey, decode, encode
 from .host import HostTier
 from .namespace import tier_namespace
 from .stack import TierStack
@@ -20,6 +20,7 @@ __all__ = [
     "HostTier",
     "Tier",
     "TierCounters",
+    "TierKey",
     "TierStack",
     "TierWarning",
     "decode",

@@ -10,8 +10,10 @@ exception to the caller. A remote tier (Redis) is one more subclass.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import warnings
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -84,6 +86,12 @@ class Tier(ABC):
         self.counters = TierCounters()
         self._warned: set[str] = set()
         self._count_lock = threading.Lock()
+        _TIERS.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: new locks (a parent thread may have held one at the fork, and it never
+        releases it here). Subclasses renew their own locks too."""
+        self._count_lock = threading.Lock()
 
     @abstractmethod
     def get(self, namespace: bytes, requests: Sequence[BlockRequest]) -> list[BlockData]:
@@ -143,3 +151,15 @@ class Tier(ABC):
                 TierWarning,
                 stacklevel=2,
             )
+
+
+_TIERS: weakref.WeakSet[Tier] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for tier in list(_TIERS):
+        tier._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -14,6 +14,9 @@ shared by several processes at once.
   can overshoot by at most about that many entries per process between scans.
 - Every failure (bad entry, unreadable or read-only folder, full disk) is a miss or a dropped write,
   counted and warned about once; a bad entry is deleted.
+- With a ``TierKey`` (``tier_secret``) every entry carries a MAC and only entries with a valid one are
+  read (see ``entry``); a file whose size is outside the layout's ``size_bounds`` is rejected from its
+  ``stat`` alone, before it is mapped or checksummed.
 - Reads map the file (``torch.from_file``, private mapping) instead of copying it into fresh memory:
   the checksum reads the page cache directly and the promotion into the device pool is the only copy.
   Entries are immutable once renamed into place (never truncated; an eviction unlinks, which a mapping
@@ -26,6 +29,7 @@ import contextlib
 import errno
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Sequence
@@ -36,7 +40,7 @@ import torch
 from ..layout import LayerLayout
 from ..memory import parse_bytes
 from .base import BlockData, BlockRequest, Tier
-from .entry import EntryError, decode, encode
+from .entry import EntryError, TierKey, decode, encode, size_bounds
 from .writer import EXIT_FLUSH_S, BackgroundWriter
 
 logger = logging.getLogger(__name__)
@@ -69,11 +73,13 @@ class DiskTier(Tier):
         size: int | str | None = None,
         max_queued_blocks: int = 128,
         fsync: bool = True,
+        key: TierKey | None = None,
     ):
         super().__init__()
         self.folder = Path(folder).expanduser()
         self.layouts = layouts
-        self.size = parse_bytes(size if size is not None else DEFAULT_DISK_SIZE)
+        self.mac_key = key  # MAC key of the tier_secret (entries are authenticated with it); never shown
+        self.size = parse_bytes(size if size is not None else DEFAULT_DISK_SIZE, "disk_size")
         self.fsync = fsync
         self.writer = BackgroundWriter(
             lambda batch: [self._write(*item) for item in batch],
@@ -122,7 +128,13 @@ class DiskTier(Tier):
     def _read(self, namespace: bytes, request: BlockRequest) -> BlockData | None:
         path = self.path(namespace, request.block_hash)
         try:
-            data = torch.from_file(str(path), shared=False, size=path.stat().st_size, dtype=torch.uint8)
+            info = path.stat()
+            size = info.st_size
+            low, high = size_bounds(len(request.tokens), self.layouts)
+            if stat.S_ISREG(info.st_mode) and not low <= size <= high:  # a huge or sparse file is never read
+                error = EntryError("size", f"{size} bytes, an entry of this layout has {low} to {high}")
+                return self._reject(namespace, request, path, error)
+            data = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
         except FileNotFoundError:
             self._known.discard((namespace, request.block_hash))
             return None
@@ -133,17 +145,20 @@ class DiskTier(Tier):
             self.error("read", f"cannot read {path} ({error})")
             return None
         try:
-            block = decode(data, namespace, request, self.layouts)
+            block = decode(data, namespace, request, self.layouts, self.mac_key)
         except EntryError as error:
-            self.error(error.kind, f"bad entry {path} ({error}), deleted")
-            self._remove(path)
-            self._known.discard((namespace, request.block_hash))
-            return None
+            return self._reject(namespace, request, path, error)
         self.count(bytes_read=len(data))
         self._known.add((namespace, request.block_hash))
         with contextlib.suppress(OSError):
             os.utime(path)  # most recently used: the size sweep deletes it last
         return block
+
+    def _reject(self, namespace: bytes, request: BlockRequest, path: Path, error: EntryError) -> None:
+        """A bad entry: counted (its kind in ``error_kinds``), deleted, a miss."""
+        self.error(error.kind, f"bad entry {path} ({error}), deleted")
+        self._remove(path)
+        self._known.discard((namespace, request.block_hash))
 
     # -- writes --------------------------------------------------------------------------------------
     def put(self, namespace: bytes, blocks: Sequence[BlockData]) -> None:
@@ -162,7 +177,7 @@ class DiskTier(Tier):
             self._known.add((namespace, block.block_hash))
             self.count(skipped=1)
             return
-        data = encode(namespace, block)
+        data = encode(namespace, block) if self.mac_key is None else encode(namespace, block, self.mac_key)
         temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,10 +22,14 @@ class HostTier(Tier):
 
     def __init__(self, capacity: int | str, *, pin_memory: bool = False):
         super().__init__()
-        self.capacity = parse_bytes(capacity)
+        self.capacity = parse_bytes(capacity, "host_memory")
         self.pin_memory = pin_memory
         self.used = 0
         self._entries: OrderedDict[tuple[bytes, bytes], BlockData] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _after_fork(self) -> None:
+        super()._after_fork()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:

@@ -5,7 +5,9 @@
   other models, weights or tenants never meet; ``key_prefix`` separates deployments on one server.
 - **Values** are the same verified entry as the disk tier (``entry.encode``): one value per block, header
   and payload together, so a reader sees a whole entry or none. A value that fails verification (garbage,
-  another chain's entry, a truncated write) is a miss and the key is deleted.
+  another chain's entry, a truncated write, a value of the wrong size, checked from its length before
+  any checksum work) is a miss and the key is deleted. With a ``tier_secret`` every value carries a MAC,
+  and one without a valid MAC (forged by anyone able to write to the server) is such a bad value.
 - **Writes** are asynchronous write-through on a background thread fed by a bounded queue (full: the
   write is dropped and counted). The writer asks the server which keys already exist (one pipelined
   ``EXISTS`` per batch) and sends only the others, with an optional TTL. Run the server with
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 from ..layout import LayerLayout
 from ..memory import parse_bytes
 from .base import BlockData, BlockRequest, Tier, TierCounters
-from .entry import EntryError, decode, encode
+from .entry import EntryError, TierKey, decode, encode
 from .writer import EXIT_FLUSH_S, BackgroundWriter
 
 logger = logging.getLogger(__name__)
@@ -92,6 +94,7 @@ class RemoteTier(Tier):
         max_queued_bytes: int | str = DEFAULT_QUEUE_BYTES,
         backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
+        key: TierKey | None = None,
     ):
         super().__init__()
         if not isinstance(key_prefix, str) or not KEY_PREFIX_PATTERN.fullmatch(key_prefix):
@@ -108,6 +111,7 @@ class RemoteTier(Tier):
         redis = import_redis()
         self.counters = RemoteCounters()
         self.layouts = layouts
+        self.mac_key = key  # MAC key of the tier_secret (entries are authenticated with it); never shown
         self.key_prefix = key_prefix
         self.min_tokens = min_tokens
         self.ttl_ms = None if ttl is None else max(1, int(ttl * 1000))
@@ -135,10 +139,14 @@ class RemoteTier(Tier):
             lambda error: self.error("writer", f"write failed ({error!r})"),
             name="hf_prefix_cache-remote",
             max_items=max_queued_blocks,
-            max_bytes=parse_bytes(max_queued_bytes),
+            max_bytes=parse_bytes(max_queued_bytes, "max_queued_bytes"),
             batch=WRITE_BATCH,
         )
         self._closed = False
+
+    def _after_fork(self) -> None:
+        super()._after_fork()
+        self._state_lock = threading.Lock()
 
     # -- keys ----------------------------------------------------------------------------------------
     def key(self, namespace: bytes, block_hash: bytes) -> str:
@@ -251,7 +259,7 @@ class RemoteTier(Tier):
                 self._forget(namespace, request.block_hash)
                 break
             try:
-                block = decode(value, namespace, request, self.layouts)
+                block = decode(value, namespace, request, self.layouts, self.mac_key)
             except EntryError as error:
                 self.error(error.kind, f"bad value under {key} ({error}), deleted")
                 self._forget(namespace, request.block_hash)
@@ -292,7 +300,7 @@ class RemoteTier(Tier):
                         if self.ttl_ms is not None:
                             pipe.pexpire(key, self.ttl_ms)  # still in use: keep it as long as a new one
                         continue
-                    value = encode(namespace, block)
+                    value = encode(namespace, block, self.mac_key)
                     sizes.append(len(value))
                     pipe.set(key, value, px=self.ttl_ms)
                 if len(pipe):

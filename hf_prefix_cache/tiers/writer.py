@@ -4,12 +4,23 @@ The disk and remote tiers write through it. What is queued or being written coun
 (items, and bytes where given); past them ``submit`` says no and the tier counts a drop. ``flush`` waits
 until everything submitted was written (or failed), restarting a writer thread that died. At
 interpreter exit every live writer is flushed, waiting at most ``EXIT_FLUSH_S`` in all.
+
+**Fork**: a forked child (``os.fork``, ``multiprocessing`` with the fork start method, DataLoader
+workers) inherits the queue and count but not the thread; what was queued is the parent's to write. So
+after a fork every writer starts empty in the child (fresh queue, locks and count, no thread): its
+``flush()`` returns at once and its exit does not wait for the parent's writes. What the child itself
+puts afterwards is written by a thread of its own. A ``multiprocessing`` child (DataLoader workers too)
+ends with ``os._exit``, which skips ``atexit``: the exit flush is also registered as a
+``multiprocessing`` finalizer in every such child (any start method, whether this module came with the
+fork or is first imported in the child), so its writes land there too.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
+import multiprocessing.util
+import os
 import queue
 import threading
 import time
@@ -42,6 +53,15 @@ class BackgroundWriter:
         self._thread: threading.Thread | None = None
         self.closed = False
         _LIVE.add(self)
+
+    def _reset_after_fork(self) -> None:
+        """In a forked child: forget the parent's queued writes and its (absent) thread; locks the parent's
+        threads held at the fork would never be released here, so they are made anew."""
+        self.queue = queue.Queue()
+        self.pending = 0
+        self.pending_bytes = 0
+        self._idle = threading.Condition()
+        self._thread = None
 
     def submit(self, item: Any, nbytes: int = 0) -> bool:
         """Queue ``item`` for writing; False (nothing queued) when the bounds are reached."""
@@ -110,6 +130,30 @@ class BackgroundWriter:
 _LIVE: weakref.WeakSet[BackgroundWriter] = weakref.WeakSet()
 
 
+def _after_fork_in_child() -> None:
+    for writer in list(_LIVE):
+        writer._reset_after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _ProcessExit:
+    """A module-lifetime object for ``multiprocessing.util.register_after_fork`` (it keeps weak refs)."""
+
+
+_PROCESS_EXIT = _ProcessExit()
+
+
+def _flush_at_process_exit(_: object) -> None:
+    """In a new ``multiprocessing`` child: run the exit flush among its finalizers (it skips ``atexit``)."""
+    multiprocessing.util.Finalize(None, _flush_at_exit, exitpriority=10)
+
+
+multiprocessing.util.register_after_fork(_PROCESS_EXIT, lambda obj: _flush_at_process_exit(obj))
+
+
 @atexit.register
 def _flush_at_exit() -> None:
     """Let queued writes land before the interpreter exits, waiting at most ``EXIT_FLUSH_S`` in all."""
@@ -119,3 +163,7 @@ def _flush_at_exit() -> None:
         if left <= 0 or not writer.flush(left):
             logger.warning("%s: exit flush timed out; some blocks were not written", writer.name)
             break
+
+
+if multiprocessing.parent_process() is not None:  # first imported inside a running child (spawn)
+    _flush_at_process_exit(None)
