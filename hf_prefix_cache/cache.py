@@ -28,7 +28,7 @@ from .adapters import adapter_namespace
 from .call_state import CallState, place_prefix, reserve_room
 from .decode_masks import long_enough, wants_decode_masks
 from .explain import HitReport, matched_length
-from .fingerprint import WeightsWatch, model_fingerprint
+from .fingerprint import WeightsWatch, attention_namespace, model_fingerprint
 from .hashing import hash_blocks, root_hash
 from .layers import PrefixFullLayer, PrefixSlidingLayer
 from .layout import (
@@ -192,7 +192,7 @@ class PrefixCache(DynamicCache):
         Cache.__init__(self, layers=layers)
         self._watch = WeightsWatch(model)
         self._dtypes_and_devices = self._watch.dtypes_and_devices()
-        self._namespace = ""
+        self._fingerprint = ""  # computed on the first call, not here: construction stays fast
         self._call: CallState | None = None
         self.last_call = CallStats()
         self.reset_stats()
@@ -238,14 +238,15 @@ class PrefixCache(DynamicCache):
 
     @property
     def namespace(self) -> str:
-        """Model fingerprint plus salt plus active PEFT adapters; the fingerprint is recomputed when the
-        weights were replaced, cast, moved or written."""
+        """Model fingerprint (a digest of every weight), attention implementation, salt and active PEFT
+        adapters; the fingerprint is recomputed when the weights were replaced, cast, moved or written."""
         if self._watch.changed():
-            known = bool(self._namespace)
-            self._namespace = f"{model_fingerprint(self.model)}/{self.cache_salt or ''}"
-            if known:
+            fingerprint = model_fingerprint(self.model, self._watch.state)
+            if self._fingerprint and fingerprint != self._fingerprint:
                 logger.info("model weights changed: earlier blocks will no longer match")
-        return self._namespace + adapter_namespace(self.model)
+            self._fingerprint = fingerprint
+        attention = attention_namespace(self.model)
+        return f"{self._fingerprint}/{attention}/{self.cache_salt or ''}{adapter_namespace(self.model)}"
 
     def _off_default(self, device_types: set[str]) -> str | None:
         """Why K/V computed now on ``device_types`` would differ from those the model computes by default
