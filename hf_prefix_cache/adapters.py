@@ -20,10 +20,12 @@ import weakref
 import torch
 import xxhash
 
-from .fingerprint import TensorWatch, tensor_digest
+from .fingerprint import TensorWatch, registration_epoch, tensor_digest
 from .hashing import HASH_SEED
 
 _LAYER_SETTINGS = ("is_feedforward", "fan_in_fan_out")  # per layer, not per adapter, yet change K/V
+# model -> (registration epoch, its tuner layers): the module tree is walked again only after a registration
+_layers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # model -> (TensorWatch of the adapter tensors, their state when hashed last, their digest)
 _weights_digests: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -33,7 +35,12 @@ def adapter_namespace(model: torch.nn.Module) -> str:
     tuners = sys.modules.get("peft.tuners.tuners_utils")
     if tuners is None:  # peft was never imported: no model can hold its layers
         return ""
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, tuners.BaseTunerLayer)]
+    epoch, known = registration_epoch(), _layers.get(model)
+    if known is not None and known[0] == epoch:
+        layers = known[1]
+    else:
+        layers = [(name, m) for name, m in model.named_modules() if isinstance(m, tuners.BaseTunerLayer)]
+        _layers[model] = (epoch, layers)
     if not layers:
         return ""
     state: list = []

@@ -11,9 +11,12 @@ per model object, weakly).
 ``WeightsWatch`` decides per call, well under a millisecond: it compares each tensor's identity
 (object, storage, version counter, dtype, device, shape) and a few probed element values (writes through
 ``param.data`` bypass the version counter; loading new weights, EMA updates and adapter merges change
-every element, so the probes see them). It re-reads the model's tensors each call, so modules swapped
-or adapters added after construction are watched too. A ``.data`` write that leaves every probed element
-equal is the one change it cannot see (call ``cache.clear()`` or make a new model object).
+every element, so the probes see them). It re-reads the model's tensors whenever any module in the
+process registered a parameter, buffer or submodule (torch's global registration hooks bump a counter),
+so modules swapped or adapters added after construction are watched too, without walking the module
+tree every call. A ``.data`` write that leaves every probed element equal is the one change it cannot
+see (call ``cache.clear()`` or make a new model object); so is a tensor put into a module's
+``_parameters`` dict directly, bypassing ``register_parameter`` and ``setattr``.
 
 The attention implementation (``sdpa``, ``eager``, flash...) changes K/V rounding but no weight; it is
 read per call by ``attention_namespace`` (``model.set_attn_implementation`` may switch it any time).
@@ -22,6 +25,7 @@ read per call by ``attention_namespace`` (``model.set_attn_implementation`` may 
 from __future__ import annotations
 
 import json
+import threading
 import weakref
 
 import torch
@@ -35,6 +39,34 @@ _CHUNK = 64 << 20  # bytes copied off the device at a time while hashing
 _tensor_digests: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # model -> (the WeightsWatch state it was hashed at, fingerprint): shared by every view of one model
 _fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+_registrations = 0  # bumped whenever any module registers a parameter, buffer or submodule
+_hooks_lock = threading.Lock()
+_hooks: list = []
+
+
+def _registered(*_args) -> None:
+    global _registrations
+    _registrations += 1
+
+
+def registration_epoch() -> int:
+    """A number that changes whenever any ``nn.Module`` in the process registers (or is assigned) a
+    parameter, buffer or submodule: what the model holds must be re-read then, and only then."""
+    if not _hooks:
+        with _hooks_lock:
+            if not _hooks:
+                modules = torch.nn.modules.module
+                _hooks.extend(
+                    register(_registered)
+                    for register in (
+                        modules.register_module_parameter_registration_hook,
+                        modules.register_module_buffer_registration_hook,
+                        modules.register_module_module_registration_hook,
+                    )
+                )
+    return _registrations
 
 
 def model_fingerprint(model: torch.nn.Module, state: tuple | None = None) -> str:
@@ -173,19 +205,26 @@ def _make_probes(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
 class WeightsWatch:
     """Tells, well under a millisecond, whether the model's weights may have changed since the last look.
 
-    Watches every parameter and buffer the model holds now (re-read per call: a module swapped or an
-    adapter added after construction is watched too), by identity and probed values (``TensorWatch``).
+    Watches every parameter and buffer the model holds now (re-read after any registration: a module
+    swapped or an adapter added after construction is watched too), by identity and probed values
+    (``TensorWatch``).
     """
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self._watch = TensorWatch()
         self.state: tuple | None = None  # the state at the last ``changed()``: the fingerprint's cache key
+        self._epoch: int | None = None
+        self._tensors: list[torch.Tensor] = []
 
     @property
     def parameters(self) -> list[torch.Tensor]:
-        """The watched tensors: every parameter and buffer, as the model holds them now."""
-        return [*self.model.parameters(), *self.model.buffers()]
+        """The watched tensors: every parameter and buffer, as the model holds them now (re-read only
+        after a registration anywhere in the process)."""
+        epoch = registration_epoch()
+        if epoch != self._epoch:
+            self._tensors, self._epoch = [*self.model.parameters(), *self.model.buffers()], epoch
+        return self._tensors
 
     def changed(self) -> bool:
         """True on the first call and whenever a tensor was replaced, cast, moved or written."""

@@ -169,3 +169,18 @@ def test_a_new_checkpoint_written_into_the_same_object_misses(write):
         for mine, theirs in zip(model.parameters(), other.parameters()):
             (mine if write == "in_place" else mine.data).copy_(theirs)
     check(model, cache, prompt, 0)
+
+
+def test_a_module_swapped_after_the_cache_was_made_is_watched():
+    model = tiny_model("llama")
+    cache = PrefixCache(model, block_size=BLOCK, num_blocks=128)
+    prompt = random_ids(30, seed=18)
+    check(model, cache, prompt, 0)
+    attention = model.model.layers[0].self_attn
+    replacement = torch.nn.Linear(64, 32, bias=False)
+    with torch.no_grad():
+        replacement.weight.copy_(attention.k_proj.weight)
+        replacement.weight[UNSAMPLED] += 5.0
+    attention.k_proj = replacement  # a new module: tensors the watch never saw
+    check(model, cache, prompt, 0)
+    check(model, cache, prompt, HIT)
