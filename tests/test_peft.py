@@ -12,6 +12,7 @@ from exact import assert_same_output, greedy
 from tiny_models import random_ids, tiny_model
 
 from hf_prefix_cache import PrefixCache
+from hf_prefix_cache.adapters import adapter_namespace
 from hf_prefix_cache.compat import CACHE_KWARG
 
 BLOCK = 4
@@ -202,3 +203,19 @@ def test_set_scale_and_scale_layer_start_a_new_namespace(tuner):
     for layer in layers:
         layer.unscale_layer()  # back to alpha / r: the first namespace, whose blocks are still there
     check(model, cache, prompt, HIT)
+
+
+@pytest.mark.parametrize("tuner", ["lora", "dora", "ia3"])
+def test_the_adapter_digest_reads_values_not_identities(tuner):
+    """The adapter suffix alone (without the base WeightsWatch, which also sees these tensors) changes
+    when an active adapter's weights are rewritten through ``.data``, and comes back with the values."""
+    model, _ = adapter_after_cache(tuner)
+    before = adapter_namespace(model)
+    tensors = adapter_tensors(k_proj_layer(model))
+    saved = [t.detach().clone() for t in tensors]
+    for tensor in tensors:
+        tensor.data.copy_(tensor.data * 1.5 + 0.25)
+    assert adapter_namespace(model) != before
+    for tensor, value in zip(tensors, saved):
+        tensor.data.copy_(value)
+    assert adapter_namespace(model) == before
