@@ -104,11 +104,11 @@ def weights_digest(model: torch.nn.Module) -> bytes:
     with torch.no_grad():
         for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
             for name, tensor in named:
-                key = _tensor_key(tensor)
-                digest = known.get(key) if key is not None else None
-                if digest is None:
-                    digest = tensor_digest(tensor)
-                if key is not None:
+                if tensor.device.type == "meta":  # offloaded (accelerate swaps these objects per forward)
+                    digest = f"offloaded, process-local model {id(model)}".encode()
+                else:
+                    key = _tensor_key(tensor)
+                    digest = known.get(key) or tensor_digest(tensor)
                     kept[key] = digest
                 hasher.update(f"{kind}:{name}\x00".encode())
                 hasher.update(digest)
@@ -141,9 +141,7 @@ def raw_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
 
 
-def _tensor_key(tensor: torch.Tensor) -> tuple | None:
-    if tensor.device.type == "meta":
-        return None
+def _tensor_key(tensor: torch.Tensor) -> tuple:
     with torch.no_grad():
         probe = probe_view(tensor.detach())
         values = raw_bytes(probe.cpu()).numpy().tobytes() if probe is not None else b""
@@ -151,6 +149,8 @@ def _tensor_key(tensor: torch.Tensor) -> tuple | None:
 
 
 def _identity(tensor: torch.Tensor) -> tuple:
+    if tensor.device.type == "meta":  # unreadable, and replaced by accelerate on every forward
+        return (tensor.dtype, tensor.shape)
     return (id(tensor), tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device, tensor.shape)
 
 
