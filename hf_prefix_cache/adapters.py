@@ -36,11 +36,10 @@ def adapter_namespace(model: torch.nn.Module) -> str:
     if tuners is None:  # peft was never imported: no model can hold its layers
         return ""
     epoch, known = registration_epoch(), _layers.get(model)
-    if known is not None and known[0] == epoch:
-        layers = known[1]
-    else:
-        layers = [(name, m) for name, m in model.named_modules() if isinstance(m, tuners.BaseTunerLayer)]
-        _layers[model] = (epoch, layers)
+    if known is None or known[0] != epoch:
+        found = [(name, m) for name, m in model.named_modules() if isinstance(m, tuners.BaseTunerLayer)]
+        known = _layers[model] = (epoch, found, {})
+    _, layers, plans = known
     if not layers:
         return ""
     state: list = []
@@ -52,25 +51,50 @@ def adapter_namespace(model: torch.nn.Module) -> str:
         extra = tuple(getattr(layer, attr, None) for attr in _LAYER_SETTINGS)
         state.append((name, type(layer).__qualname__, active, disabled, merged, extra))
         for adapter in sorted(set(active) | set(merged)):
-            for attr in layer.adapter_layer_names:
-                container = getattr(layer, attr, None)
-                if container is not None and hasattr(container, "keys") and adapter in container:
-                    state.append((name, attr, adapter))
-                    tensors.extend(_tensors_of(container[adapter]))
-            for attr in layer.other_param_names:
-                setting = getattr(layer, attr, None)
-                if hasattr(setting, "keys") and adapter in setting:
-                    value = setting[adapter]
-                    held = _tensors_of(value)
-                    tensors.extend(held)
-                    shown = (
-                        type(value).__qualname__ if held and isinstance(value, torch.Tensor) else repr(value)
-                    )
-                    state.append((name, attr, adapter, shown, len(held)))
+            plan = plans.get((name, adapter))
+            if plan is None:
+                plan = plans[(name, adapter)] = _plan(layer, adapter)
+            held, static, plain = plan
+            tensors.extend(held)
+            settings = [(attr, repr(_setting(layer, attr, adapter))) for attr in plain]
+            state.append((name, adapter, static, settings))
     hasher = xxhash.xxh3_128(seed=HASH_SEED)
     hasher.update(repr(state).encode())
     hasher.update(_weights_digest(model, tensors))
     return f"/adapters:{hasher.hexdigest()}"
+
+
+def _plan(layer, adapter: str) -> tuple[list[torch.Tensor], tuple, tuple[str, ...]]:
+    """What of ``layer`` belongs to ``adapter``, found once per registration epoch: its tensors (weights,
+    and tensor-valued settings such as VeRA's projections), a description of its containers and module
+    settings (dropout), and the names of its plain settings (rank, alpha, scaling...), read per call."""
+    tensors: list[torch.Tensor] = []
+    static: list = []
+    plain: list[str] = []
+    for attr in layer.adapter_layer_names:
+        container = getattr(layer, attr, None)
+        if container is not None and hasattr(container, "keys") and adapter in container:
+            held = _tensors_of(container[adapter])
+            tensors.extend(held)
+            static.append((attr, len(held)))
+    for attr in layer.other_param_names:
+        setting = getattr(layer, attr, None)
+        if hasattr(setting, "keys") and adapter in setting:
+            value = setting[adapter]
+            if isinstance(value, (torch.Tensor, torch.nn.Module)):  # registered: a change bumps the epoch
+                held = _tensors_of(value)
+                tensors.extend(held)
+                static.append((attr, type(value).__qualname__ if held else repr(value), len(held)))
+            else:
+                plain.append(attr)
+    return tensors, tuple(static), tuple(plain)
+
+
+def _setting(layer, attr: str, adapter: str):
+    try:
+        return getattr(layer, attr)[adapter]
+    except (AttributeError, KeyError, TypeError):  # removed since the plan was made
+        return None
 
 
 def _tensors_of(item) -> list[torch.Tensor]:

@@ -145,13 +145,13 @@ def _tensor_key(tensor: torch.Tensor) -> tuple:
     with torch.no_grad():
         probe = probe_view(tensor.detach())
         values = raw_bytes(probe.cpu()).numpy().tobytes() if probe is not None else b""
-    return (*_identity(tensor), values)
+    return (*_identity(tensor), tensor.shape, values)
 
 
 def _identity(tensor: torch.Tensor) -> tuple:
-    if tensor.device.type == "meta":  # unreadable, and replaced by accelerate on every forward
-        return (tensor.dtype, tensor.shape)
-    return (id(tensor), tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device, tensor.shape)
+    """Object, storage, version counter, dtype, device (a reshape in place, ``resize_``, bumps the
+    version). Kept to attributes that cost no allocation: this runs per tensor per call."""
+    return (id(tensor), tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device)
 
 
 def probe_view(tensor: torch.Tensor) -> torch.Tensor | None:
