@@ -74,6 +74,18 @@ def test_one_weight_element_edited_in_another_model_object_misses_through_the_di
     assert cache.last_call.hit_tokens_by_tier.get("disk", 0) == 0
 
 
+def test_a_second_process_with_one_weight_element_edited_shares_no_blocks(tmp_path):
+    """Processes, not objects: the edited checkpoint misses the folder, the original hits it."""
+    from test_tiers_processes import run_worker
+
+    folder = tmp_path / "kv"
+    filled = run_worker("generate", folder, "llama:0:", 21)
+    assert filled["calls"][0]["equal"] and list(folder.rglob("*.kvb"))
+    edited, original = run_worker("generate", folder, "llama:0e:,llama:0:", 21, lines=2)
+    assert edited["calls"][0]["equal"] and edited["calls"][0]["hit_tokens"] == 0
+    assert original["calls"][0]["equal"] and original["calls"][0]["by_tier"] == {"disk": 36}
+
+
 def test_models_differing_in_one_embedding_row_share_no_blocks_through_the_disk(tmp_path):
     folder = tmp_path / "kv"
     prompt = random_ids(30, seed=13)
