@@ -64,6 +64,12 @@ def adapter_namespace(model: torch.nn.Module) -> str:
     return f"/adapters:{hasher.hexdigest()}"
 
 
+def forget(model: torch.nn.Module) -> None:
+    """Drop the adapter digest kept for ``model``: the next call hashes the adapter weights again."""
+    _weights_digests.pop(model, None)
+    _layers.pop(model, None)
+
+
 def _plan(layer, adapter: str) -> tuple[list[torch.Tensor], tuple, tuple[str, ...]]:
     """What of ``layer`` belongs to ``adapter``, found once per registration epoch: its tensors (weights,
     and tensor-valued settings such as VeRA's projections), a description of its containers and module

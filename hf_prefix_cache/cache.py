@@ -24,6 +24,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache
 from transformers.generation.utils import GenerationMixin
 
+from . import adapters, fingerprint
 from .adapters import adapter_namespace
 from .call_state import CallState, place_prefix, reserve_room
 from .decode_masks import long_enough, wants_decode_masks
@@ -240,11 +241,12 @@ class PrefixCache(DynamicCache):
     def namespace(self) -> str:
         """Model fingerprint (a digest of every weight), attention implementation, salt and active PEFT
         adapters; the fingerprint is recomputed when the weights were replaced, cast, moved or written."""
-        if self._watch.changed():
-            fingerprint = model_fingerprint(self.model, self._watch.state)
-            if self._fingerprint and fingerprint != self._fingerprint:
+        self._watch.changed()
+        weights = model_fingerprint(self.model, self._watch.state)  # kept per model: a lookup when unchanged
+        if weights != self._fingerprint:
+            if self._fingerprint:
                 logger.info("model weights changed: earlier blocks will no longer match")
-            self._fingerprint = fingerprint
+            self._fingerprint = weights
         attention = attention_namespace(self.model)
         return f"{self._fingerprint}/{attention}/{self.cache_salt or ''}{adapter_namespace(self.model)}"
 
@@ -643,6 +645,8 @@ class PrefixCache(DynamicCache):
         dropped = self.store.clear()
         if self.store.tiers is not None:
             self.store.tiers.clear(self.store.tiers.namespace(self.namespace, self.extra_keys))
+        fingerprint.forget(self.model)  # the next call hashes every weight again (every view of the model)
+        adapters.forget(self.model)
         return dropped
 
     def flush(self, timeout: float | None = None) -> bool:

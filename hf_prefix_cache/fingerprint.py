@@ -78,7 +78,7 @@ def model_fingerprint(model: torch.nn.Module, state: tuple | None = None) -> str
     """
     if state is not None:
         known = _fingerprints.get(model)
-        if known is not None and known[0] == state:
+        if known is not None and (known[0] is state or known[0] == state):
             return known[1]
     config = {
         key: value
@@ -93,6 +93,13 @@ def model_fingerprint(model: torch.nn.Module, state: tuple | None = None) -> str
     if state is not None:
         _fingerprints[model] = (state, fingerprint)
     return fingerprint
+
+
+def forget(model: torch.nn.Module) -> None:
+    """Drop what is known of ``model``'s weights: its next fingerprint hashes every tensor again, so a
+    change no probe saw (``cache.clear()`` after a ``.data`` write) gets its own namespace."""
+    _fingerprints.pop(model, None)
+    _tensor_digests.pop(model, None)
 
 
 def weights_digest(model: torch.nn.Module) -> bytes:

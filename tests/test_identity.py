@@ -196,3 +196,24 @@ def test_a_module_swapped_after_the_cache_was_made_is_watched():
     attention.k_proj = replacement  # a new module: tensors the watch never saw
     check(model, cache, prompt, 0)
     check(model, cache, prompt, HIT)
+
+
+def test_an_unprobed_data_write_is_seen_after_clear_and_never_poisons_the_old_namespace(tmp_path):
+    """The documented limit: a ``.data`` write to one unprobed element bumps no version and moves no
+    probe, so the per-call watch keeps the namespace. ``cache.clear()`` re-hashes every weight: the
+    next call gets its own namespace, and the disk never serves the edited K/V to the original."""
+    folder, prompt = tmp_path / "kv", random_ids(30, seed=19)
+    model = tiny_model("llama")
+    cache = _disk_view(model, folder)
+    check(model, cache, prompt, 0)
+    before = cache.namespace
+    with torch.no_grad():
+        k_proj(model).data[UNSAMPLED] += 5.0
+    assert cache.namespace == before  # not seen per call (README: "Weight changes")
+    cache.clear()
+    assert cache.namespace != before
+    check(model, cache, prompt, 0)
+    check(model, cache, prompt, HIT)
+    assert cache.flush(30)
+    original = tiny_model("llama")
+    check(original, _disk_view(original, folder), prompt, 0)

@@ -120,6 +120,11 @@ def adapter_digest_ignores_scaling() -> None:
     replace_function("hf_prefix_cache.adapters", "adapter_namespace", make)
 
 
+def clear_keeps_digests() -> None:
+    """cache.clear() keeps the weights digest: a change no probe saw keeps the old namespace."""
+    replace_function("hf_prefix_cache.fingerprint", "forget", lambda original: lambda model: None)
+
+
 MUTANTS: list[Mutant] = [
     Mutant(
         "fingerprint_samples",
@@ -176,5 +181,11 @@ MUTANTS: list[Mutant] = [
             f"{PEFT}::test_set_scale_and_scale_layer_start_a_new_namespace[lora]",
             f"{PEFT}::test_set_scale_and_scale_layer_start_a_new_namespace[dora]",
         ),
+    ),
+    Mutant(
+        "clear_keeps_digests",
+        "clear() re-hashes every weight, so K/V of an unseen edit never land in the old namespace",
+        clear_keeps_digests,
+        (f"{IDENTITY}::test_an_unprobed_data_write_is_seen_after_clear_and_never_poisons_the_old_namespace",),
     ),
 ]
