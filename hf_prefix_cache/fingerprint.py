@@ -222,15 +222,20 @@ class WeightsWatch:
         self._watch = TensorWatch()
         self.state: tuple | None = None  # the state at the last ``changed()``: the fingerprint's cache key
         self._epoch: int | None = None
+        self._parameters: list[torch.Tensor] = []
         self._tensors: list[torch.Tensor] = []
+
+    def _refresh(self) -> None:
+        epoch = registration_epoch()
+        if epoch != self._epoch:
+            self._parameters = list(self.model.parameters())
+            self._tensors, self._epoch = [*self._parameters, *self.model.buffers()], epoch
 
     @property
     def parameters(self) -> list[torch.Tensor]:
         """The watched tensors: every parameter and buffer, as the model holds them now (re-read only
         after a registration anywhere in the process)."""
-        epoch = registration_epoch()
-        if epoch != self._epoch:
-            self._tensors, self._epoch = [*self.model.parameters(), *self.model.buffers()], epoch
+        self._refresh()
         return self._tensors
 
     def changed(self) -> bool:
@@ -240,7 +245,8 @@ class WeightsWatch:
         return changed
 
     def dtypes_and_devices(self) -> set[tuple[torch.dtype, torch.device]]:
-        return {(p.dtype, p.device) for p in self.model.parameters()}
+        self._refresh()
+        return {(p.dtype, p.device) for p in self._parameters}
 
 
 def attention_namespace(model: torch.nn.Module) -> str:
