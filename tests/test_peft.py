@@ -9,6 +9,7 @@ import peft
 import pytest
 import torch
 from exact import assert_same_output, greedy
+from peft.tuners.tuners_utils import BaseTunerLayer
 from tiny_models import random_ids, tiny_model
 
 from hf_prefix_cache import PrefixCache
@@ -182,12 +183,13 @@ def test_an_adapter_added_after_the_cache_is_watched():
     check(model, cache, prompt, 0)
 
 
-@pytest.mark.parametrize("tuner", ["lora", "dora"])
+@pytest.mark.parametrize("tuner", ["lora", "dora", "loha", "lokr"])
 def test_set_scale_and_scale_layer_start_a_new_namespace(tuner):
     """Issue 20: a runtime scale changes K/V without touching a tensor."""
     model, _ = lora_model() if tuner == "lora" else adapter_after_cache(tuner)
     cache = PrefixCache(model, block_size=BLOCK, num_blocks=128)
-    layers = [m for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and hasattr(m, "set_scale")]
+    assert layers
     prompt = random_ids(30, seed=13)
     model.set_adapter("a")
     check(model, cache, prompt, 0)

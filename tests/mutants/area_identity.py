@@ -180,6 +180,7 @@ MUTANTS: list[Mutant] = [
         (
             f"{PEFT}::test_set_scale_and_scale_layer_start_a_new_namespace[lora]",
             f"{PEFT}::test_set_scale_and_scale_layer_start_a_new_namespace[dora]",
+            f"{PEFT}::test_set_scale_and_scale_layer_start_a_new_namespace[loha]",
         ),
     ),
     Mutant(
