@@ -24,11 +24,12 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache
 from transformers.generation.utils import GenerationMixin
 
+from . import adapters, fingerprint
 from .adapters import adapter_namespace
 from .call_state import CallState, place_prefix, reserve_room
 from .decode_masks import long_enough, wants_decode_masks
 from .explain import HitReport, matched_length
-from .fingerprint import WeightsWatch, model_fingerprint
+from .fingerprint import WeightsWatch, attention_namespace, model_fingerprint
 from .hashing import hash_blocks, root_hash
 from .layers import PrefixFullLayer, PrefixSlidingLayer
 from .layout import (
@@ -219,7 +220,7 @@ class PrefixCache(DynamicCache):
         Cache.__init__(self, layers=layers)
         self._watch = WeightsWatch(model)
         self._dtypes_and_devices = self._watch.dtypes_and_devices()
-        self._namespace = ""
+        self._fingerprint = ""  # computed on the first call, not here: construction stays fast
         self._call: CallState | None = None
         self.last_call = CallStats()
         self.reset_stats()
@@ -265,14 +266,16 @@ class PrefixCache(DynamicCache):
 
     @property
     def namespace(self) -> str:
-        """Model fingerprint plus salt plus active PEFT adapters; the fingerprint is recomputed when the
-        weights were replaced, cast, moved or written."""
-        if self._watch.changed():
-            known = bool(self._namespace)
-            self._namespace = f"{model_fingerprint(self.model)}/{self.cache_salt or ''}"
-            if known:
+        """Model fingerprint (a digest of every weight), attention implementation, salt and active PEFT
+        adapters; the fingerprint is recomputed when the weights were replaced, cast, moved or written."""
+        self._watch.changed()
+        weights = model_fingerprint(self.model, self._watch.state)  # kept per model: a lookup when unchanged
+        if weights != self._fingerprint:
+            if self._fingerprint:
                 logger.info("model weights changed: earlier blocks will no longer match")
-        return self._namespace + adapter_namespace(self.model)
+            self._fingerprint = weights
+        attention = attention_namespace(self.model)
+        return f"{self._fingerprint}/{attention}/{self.cache_salt or ''}{adapter_namespace(self.model)}"
 
     def _off_default(self, device_types: set[str]) -> str | None:
         """Why K/V computed now on ``device_types`` would differ from those the model computes by default
@@ -678,6 +681,8 @@ class PrefixCache(DynamicCache):
         dropped = self.store.clear()
         if self.store.tiers is not None:
             self.store.tiers.clear(self.store.tiers.namespace(self.namespace, self.extra_keys))
+        fingerprint.forget(self.model)  # the next call hashes every weight again (every view of the model)
+        adapters.forget(self.model)
         return dropped
 
     def flush(self, timeout: float | None = None) -> bool:

@@ -1,7 +1,8 @@
 """A separate interpreter for the disk-tier process tests (restart, crash, concurrency).
 
 python tier_worker.py generate FOLDER FAMILY:WEIGHT_SEED:SALT[,...] PROMPT_SEED...
-    per spec, one tiny model and one PrefixCache over FOLDER; per prompt: generate() without and with
+    per spec, one tiny model (WEIGHT_SEED "0e": seed 0 with one k_proj element of layer 0 edited)
+    and one PrefixCache over FOLDER; per prompt: generate() without and with
     the cache. Prints one JSON line per spec: per call equal / hit tokens / hits by tier, and tier
     errors. Does NOT flush: interpreter exit must (atexit).
 python tier_worker.py write FOLDER FIRST COUNT [slow]
@@ -44,7 +45,10 @@ def generate_one(folder, family, weight_seed, salt, *prompt_seeds):
 
     from hf_prefix_cache import PrefixCache
 
-    model = tiny_model(family, seed=int(weight_seed))
+    model = tiny_model(family, seed=int(weight_seed.removesuffix("e")))
+    if weight_seed.endswith("e"):  # "0e": seed 0 with ONE weight element edited (test_identity)
+        with torch.no_grad():
+            model.model.layers[0].self_attn.k_proj.weight[0, 1] += 5.0
     cache = PrefixCache(model, block_size=4, num_blocks=64, disk=folder, cache_salt=salt or None)
     calls = []
     for seed in prompt_seeds:
