@@ -17,7 +17,7 @@ section records the load average, and only ratios measured in the same run mean 
 * ``masks``        - the decode-mask threshold (``hf_prefix_cache.decode_masks``): decode steps of one warm
   call alternate with and without the mask at 1000..8000 tokens, so both halves see the same machine;
 * ``overhead``     - ``lookup_s`` / ``store_s`` at 2k/8k (SmolLM2) and 32k (a tiny Llama) prompt tokens,
-  ``WeightsWatch.changed()`` on 272 (SmolLM2) and 362 (a 40-layer tiny Llama) parameter tensors,
+  ``WeightsWatch.changed()`` on the parameter and buffer tensors of SmolLM2 and of a 40-layer tiny Llama,
   ``hash_blocks`` tokens/s, and the cost of one cache ``update()`` per layer per decode step (the
   cache's own work, without the model) for ``DynamicCache``, ``StaticCache`` and ``PrefixCache``.
 
