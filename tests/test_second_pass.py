@@ -1,0 +1,160 @@
+"""The paths a block takes the second time: after clear(), after the server evicted it, on a refresh, on a
+partial hit. Each test here kills a mutant of tests/mutants/area_second_pass.py that survived the rest of
+the suite (the first pass through each path was tested, the second was not)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from redis_server import RedisServer
+from tier_helpers import BLOCK, LAYOUT, make_store, match, store_tokens, synthetic_chain, tier_ns
+from tiny_models import random_ids, tiny_model
+
+from hf_prefix_cache import BlockStore, PrefixCache
+from hf_prefix_cache.compat import CACHE_KWARG
+from hf_prefix_cache.layers import PrefixFullLayer
+from hf_prefix_cache.tiers import DiskTier, HostTier
+from hf_prefix_cache.tiers import disk as disk_module
+from hf_prefix_cache.tiers.remote import RemoteTier
+
+TOKENS = list(range(10, 10 + 3 * BLOCK))  # three full blocks
+BLOCK_BYTES = sum(layout.block_bytes(BLOCK) for layout in LAYOUT)
+
+
+# -- disk ------------------------------------------------------------------------------------------------
+def test_a_disk_hit_refreshes_the_entry_so_the_size_sweep_deletes_it_last(tmp_path):
+    requests, blocks = synthetic_chain(list(range(10, 10 + 5 * BLOCK)))
+    ns = tier_ns()
+    entry_bytes = len(disk_module.encode(ns, blocks[0]))
+    tier = DiskTier(tmp_path, LAYOUT, size=3 * entry_bytes + 10, fsync=False)
+    tier.put(ns, blocks[:3])
+    assert tier.flush(10)
+    old = time.time() - 100
+    for index, block in enumerate(blocks[:3]):  # chain order: block 0 is the oldest, whatever its hash
+        os.utime(tier.path(ns, block.block_hash), (old + index, old + index))
+    assert len(tier.get(ns, requests[:1])) == 1  # the hit makes block 0 the most recently used
+    tier.put(ns, blocks[3:5])
+    assert tier.flush(10)
+    assert tier.counters.evictions == 2
+    assert tier.path(ns, blocks[0].block_hash).exists(), "the entry just hit was deleted first"
+    assert not tier.path(ns, blocks[1].block_hash).exists()
+    tier.close()
+
+
+def test_after_clear_the_same_prompt_is_written_to_disk_again(tmp_path):
+    store = make_store(16, disk=tmp_path)
+    store_tokens(store, TOKENS)
+    assert store.tiers.flush(10)
+    assert len(list(tmp_path.rglob("*.kvb"))) == 3
+    store.clear()
+    assert store.tiers.clear(tier_ns())["disk"] == 3  # what PrefixCache.clear() does (the eval's warm-up)
+    assert list(tmp_path.rglob("*.kvb")) == []
+    store_tokens(store, TOKENS)
+    assert store.tiers.flush(10)
+    assert len(list(tmp_path.rglob("*.kvb"))) == 3, "the process still believed the entries were on disk"
+    _, sources, _ = match(make_store(16, disk=tmp_path), TOKENS)
+    assert sources == ["disk"] * 3
+
+
+# -- the stack -------------------------------------------------------------------------------------------
+def test_clear_empties_the_host_tier_of_every_namespace(tmp_path):
+    store = make_store(16, host=100 * BLOCK_BYTES)
+    host = store.tiers.host
+    host.put(tier_ns(), synthetic_chain(TOKENS[: 2 * BLOCK])[1])
+    other_requests, other_blocks = synthetic_chain(TOKENS[: 2 * BLOCK], namespace="model/other-salt")
+    host.put(tier_ns("model/other-salt"), other_blocks)
+    assert len(host) == 4 and len(host.get(tier_ns("model/other-salt"), other_requests)) == 2
+    store.tiers.clear(tier_ns())  # one view's clear()
+    assert len(host) == 0 and host.used == 0  # README: clear() empties the host tier
+    assert match(store, TOKENS[: 2 * BLOCK], namespace="model/other-salt")[0] == []
+
+
+# -- remote ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def module_server(tmp_path_factory):
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def server(module_server):
+    if module_server.process is None:
+        module_server.start()
+    client = module_server.client()
+    client.config_set("maxmemory", module_server.maxmemory)
+    client.flushall()
+    return module_server
+
+
+def remote(server: RedisServer, **options) -> RemoteTier:
+    options.setdefault("min_tokens", 0)
+    return RemoteTier(server.url, LAYOUT, **options)
+
+
+def key(block) -> str:
+    return f"hfpc:{tier_ns().hex()}:{block.block_hash.hex()}"
+
+
+def write(server: RedisServer, blocks, **options) -> None:
+    writer = remote(server, **options)
+    writer.put(tier_ns(), blocks)
+    assert writer.flush(30) and writer.counters.errors == 0
+    writer.close()
+
+
+def test_remote_min_tokens_applies_to_the_hit_not_to_the_request(server):
+    requests, blocks = synthetic_chain(TOKENS)
+    write(server, blocks[:1])  # the server holds 1 of the 3 requested blocks: a 4-token hit
+    short = remote(server, min_tokens=2 * BLOCK)
+    assert short.get(tier_ns(), requests) == []
+    assert short.counters.below_threshold == 1 and short.counters.bytes_read == 0
+    assert short.counters.round_trips == 1  # the EXISTS only, no MGET
+    assert len(remote(server, min_tokens=BLOCK).get(tier_ns(), requests)) == 1  # positive control
+
+
+def test_re_putting_blocks_refreshes_their_ttl(server):
+    _, blocks = synthetic_chain(TOKENS)
+    write(server, blocks)  # no TTL
+    client = server.client()
+    assert all(client.pttl(key(block)) == -1 for block in blocks)
+    write(server, blocks, ttl=60)  # another process, with a TTL: the blocks are in use, keep them 60 s
+    assert all(0 < client.pttl(key(block)) <= 60_000 for block in blocks)
+
+
+def test_blocks_the_server_evicted_are_sent_again(server):
+    store = BlockStore(LAYOUT, block_size=BLOCK, num_blocks=8)
+    store.attach_tiers([remote(server)])
+    store_tokens(store, TOKENS)
+    assert store.tiers.flush(30)
+    _, blocks = synthetic_chain(TOKENS)
+    client = server.client()
+    client.delete(key(blocks[1]), key(blocks[2]))  # the server's LRU evicted the tail of the chain
+    store.clear()  # the device pool forgets; this process still remembers writing all three
+    _, sources, _ = match(store, TOKENS)
+    assert sources == ["remote"]  # a partial hit: the lookup learns the rest is gone
+    store_tokens(store, TOKENS)
+    assert store.tiers.flush(30)
+    assert client.exists(key(blocks[1]), key(blocks[2])) == 2, "an evicted block was never sent again"
+    store.clear()
+    assert match(store, TOKENS)[1] == ["remote"] * 3
+
+
+# -- the cache -------------------------------------------------------------------------------------------
+def test_clear_releases_the_per_call_layer_buffers():
+    model = tiny_model("llama")
+    cache = PrefixCache(model, block_size=BLOCK, num_blocks=64)
+    model.generate(random_ids(30, seed=3), max_new_tokens=3, do_sample=False, **{CACHE_KWARG: cache})
+    full = [layer for layer in cache.layers if isinstance(layer, PrefixFullLayer)]
+    assert full and all(layer._key_buffer is not None for layer in full)  # kept for the next call
+    cache.clear()
+    assert all(layer._key_buffer is None and layer._value_buffer is None for layer in full)
+
+
+def test_clear_of_a_stack_without_a_host_tier(tmp_path):
+    store = make_store(8, disk=tmp_path)  # a stack without a host tier
+    store_tokens(store, TOKENS)
+    assert store.tiers.flush(10)
+    assert store.tiers.clear(tier_ns()) == {"disk": 3}
+    assert HostTier(BLOCK_BYTES).clear() == 0
