@@ -15,7 +15,7 @@ from tiny_models import random_ids, tiny_model
 from hf_prefix_cache import BlockStore, PrefixCache
 from hf_prefix_cache.compat import CACHE_KWARG
 from hf_prefix_cache.layers import PrefixFullLayer
-from hf_prefix_cache.tiers import DiskTier, HostTier
+from hf_prefix_cache.tiers import DiskTier, HostTier, TierWarning
 from hf_prefix_cache.tiers import disk as disk_module
 from hf_prefix_cache.tiers.remote import RemoteTier
 
@@ -56,6 +56,42 @@ def test_after_clear_the_same_prompt_is_written_to_disk_again(tmp_path):
     assert len(list(tmp_path.rglob("*.kvb"))) == 3, "the process still believed the entries were on disk"
     _, sources, _ = match(make_store(16, disk=tmp_path), TOKENS)
     assert sources == ["disk"] * 3
+
+
+def test_blocks_another_process_deleted_from_disk_are_written_again(tmp_path):
+    store = make_store(16, disk=tmp_path)
+    store_tokens(store, TOKENS)
+    assert store.tiers.flush(10)
+    disk = store.tiers.tiers[0]
+    _, blocks = synthetic_chain(TOKENS)
+    for block in blocks[1:]:  # another process's size sweep deleted the tail of the chain
+        disk.path(tier_ns(), block.block_hash).unlink()
+    store.clear()
+    _, sources, _ = match(store, TOKENS)
+    assert sources == ["disk"]  # a partial hit: the lookup learns the rest is gone
+    store_tokens(store, TOKENS)
+    assert store.tiers.flush(10)
+    assert all(disk.path(tier_ns(), block.block_hash).exists() for block in blocks), "never written again"
+    assert match(make_store(16, disk=tmp_path), TOKENS)[1] == ["disk"] * 3
+
+
+def test_entries_the_size_sweep_deleted_are_written_again(tmp_path):
+    _, blocks = synthetic_chain(TOKENS)
+    ns = tier_ns()
+    entry_bytes = len(disk_module.encode(ns, blocks[0]))
+    tier = DiskTier(tmp_path, LAYOUT, size=2 * entry_bytes + 10, fsync=False)
+    tier.put(ns, blocks[:2])
+    assert tier.flush(10)
+    old = time.time() - 100
+    os.utime(tier.path(ns, blocks[0].block_hash), (old, old))  # block 0 is the least recently used
+    tier.put(ns, blocks[2:])
+    assert tier.flush(10)
+    assert tier.counters.evictions == 1 and not tier.path(ns, blocks[0].block_hash).exists()
+    assert not tier.has(ns, blocks[0].block_hash)
+    tier.put(ns, blocks[:1])  # block 0 is needed again
+    assert tier.flush(10)
+    assert tier.path(ns, blocks[0].block_hash).exists() and tier.counters.puts == 4
+    tier.close()
 
 
 # -- the stack -------------------------------------------------------------------------------------------
@@ -141,6 +177,39 @@ def test_blocks_the_server_evicted_are_sent_again(server):
     assert match(store, TOKENS)[1] == ["remote"] * 3
 
 
+def test_after_a_remote_clear_the_same_blocks_are_sent_again(server):
+    _, blocks = synthetic_chain(TOKENS)
+    tier = remote(server)
+    tier.put(tier_ns(), blocks)
+    assert tier.flush(30)
+    assert tier.clear(tier_ns()) == 3
+    tier.put(tier_ns(), blocks)
+    assert tier.flush(30)
+    assert server.client().exists(*(key(block) for block in blocks)) == 3
+    assert tier.counters.puts == 6
+    tier.close()
+
+
+def test_after_a_connection_failure_blocks_are_sent_again_to_a_restarted_server(server):
+    _, blocks = synthetic_chain(TOKENS)
+    other_requests, _ = synthetic_chain(list(range(70, 70 + 2 * BLOCK)))
+    tier = remote(server, backoff_s=0.1)
+    tier.put(tier_ns(), blocks)
+    assert tier.flush(30) and tier.counters.puts == 3
+    server.kill()
+    with pytest.warns(TierWarning, match="connection"):
+        assert tier.get(tier_ns(), other_requests) == []  # another prompt's lookup meets the dead server
+    server.start()  # same port, empty: it lost every block this process wrote
+    deadline = time.monotonic() + 30
+    while not tier.available():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    tier.put(tier_ns(), blocks)
+    assert tier.flush(30)
+    assert server.client().exists(*(key(block) for block in blocks)) == 3, "never sent again"
+    tier.close()
+
+
 # -- the cache -------------------------------------------------------------------------------------------
 def test_clear_releases_the_per_call_layer_buffers():
     model = tiny_model("llama")
@@ -150,6 +219,27 @@ def test_clear_releases_the_per_call_layer_buffers():
     assert full and all(layer._key_buffer is not None for layer in full)  # kept for the next call
     cache.clear()
     assert all(layer._key_buffer is None and layer._value_buffer is None for layer in full)
+
+
+def test_reset_stats_zeroes_the_hits_by_tier():
+    model = tiny_model("llama")
+    cache = PrefixCache(model, block_size=BLOCK, num_blocks=64)
+    prompt = random_ids(30, seed=4)
+    for _ in range(2):
+        model.generate(prompt, max_new_tokens=2, do_sample=False, **{CACHE_KWARG: cache})
+    assert cache.stats.hit_tokens_by_tier == {"device": 28}
+    cache.reset_stats()
+    assert cache.stats.hit_tokens_by_tier == {"device": 0} and cache.stats.hit_tokens == 0
+
+
+def test_storing_again_after_clear_commits_no_new_memory():
+    store = make_store(16)
+    store_tokens(store, TOKENS)
+    committed = store.committed_bytes
+    assert committed == 3 * store.kv.block_bytes()
+    store.clear()
+    store_tokens(store, TOKENS)  # the same blocks' pages, written a second time
+    assert store.committed_bytes == committed
 
 
 def test_clear_of_a_stack_without_a_host_tier(tmp_path):

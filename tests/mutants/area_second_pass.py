@@ -144,6 +144,97 @@ def cache_clear_keeps_buffers() -> None:
     PrefixCache.clear = keeping
 
 
+def disk_never_forgets_deleted() -> None:
+    """A disk lookup that finds an entry gone keeps believing it (and what follows) is on disk."""
+    from hf_prefix_cache.tiers.disk import DiskTier
+
+    get = DiskTier.get
+
+    def remembering(self, namespace, requests):
+        known = [(namespace, r.block_hash) for r in requests if (namespace, r.block_hash) in self._known]
+        found = get(self, namespace, requests)
+        self._known.update(known)
+        return found
+
+    DiskTier.get = remembering
+
+
+def disk_sweep_keeps_known() -> None:
+    """The size sweep deletes entries but this process still believes they are on disk."""
+    from hf_prefix_cache.tiers.disk import DiskTier
+
+    make_room = DiskTier._make_room
+
+    def keeping(self, incoming):
+        known = set(self._known)
+        make_room(self, incoming)
+        self._known |= known
+
+    DiskTier._make_room = keeping
+
+
+def remote_clear_keeps_known() -> None:
+    """RemoteTier.clear() deletes the keys but keeps believing the server holds them."""
+    from collections import OrderedDict
+
+    from hf_prefix_cache.tiers.remote import RemoteTier
+
+    clear = RemoteTier.clear
+
+    def keeping(self, namespace=None):
+        known = OrderedDict(self._known)
+        removed = clear(self, namespace)
+        self._known = known
+        return removed
+
+    RemoteTier.clear = keeping
+
+
+def remote_failure_keeps_known() -> None:
+    """A connection failure no longer forgets what the server held (it may come back empty)."""
+    from collections import OrderedDict
+
+    from hf_prefix_cache.tiers.remote import RemoteTier
+
+    failed = RemoteTier._failed
+
+    def keeping(self, error, doing):
+        known = OrderedDict(self._known)
+        failed(self, error, doing)
+        with self._state_lock:
+            self._known = known
+
+    RemoteTier._failed = keeping
+
+
+def reset_stats_keeps_tier_hits() -> None:
+    """reset_stats() leaves the hits by tier counting from construction."""
+    from hf_prefix_cache import PrefixCache
+
+    reset = PrefixCache.reset_stats
+
+    def keeping(self):
+        by_tier = dict(getattr(self, "_hit_tokens_by_tier", {}))
+        reset(self)
+        self._hit_tokens_by_tier.update(by_tier)
+
+    PrefixCache.reset_stats = keeping
+
+
+def committed_counts_rewrites() -> None:
+    """A block written a second time (after clear or eviction) is counted again in committed_bytes."""
+    from hf_prefix_cache.kv_pool import KVPool
+
+    mark = KVPool.mark_written
+
+    def counting_again(self, block_ids):
+        again = sum(1 for block_id in block_ids if self._written[block_id])
+        mark(self, block_ids)
+        self._num_written += again
+
+    KVPool.mark_written = counting_again
+
+
 MUTANTS: list[Mutant] = [
     Mutant(
         "disk_hit_keeps_mtime",
@@ -186,5 +277,41 @@ MUTANTS: list[Mutant] = [
         "PrefixCache.clear() frees the per-call layer buffers",
         cache_clear_keeps_buffers,
         (T + "test_clear_releases_the_per_call_layer_buffers",),
+    ),
+    Mutant(
+        "disk_never_forgets_deleted",
+        "blocks another process deleted from disk are written again",
+        disk_never_forgets_deleted,
+        (T + "test_blocks_another_process_deleted_from_disk_are_written_again",),
+    ),
+    Mutant(
+        "disk_sweep_keeps_known",
+        "entries the size sweep deleted are written again when needed",
+        disk_sweep_keeps_known,
+        (T + "test_entries_the_size_sweep_deleted_are_written_again",),
+    ),
+    Mutant(
+        "remote_clear_keeps_known",
+        "after RemoteTier.clear() the same blocks are sent again",
+        remote_clear_keeps_known,
+        (T + "test_after_a_remote_clear_the_same_blocks_are_sent_again",),
+    ),
+    Mutant(
+        "remote_failure_keeps_known",
+        "after a connection failure blocks are sent again to a restarted server",
+        remote_failure_keeps_known,
+        (T + "test_after_a_connection_failure_blocks_are_sent_again_to_a_restarted_server",),
+    ),
+    Mutant(
+        "reset_stats_keeps_tier_hits",
+        "reset_stats() zeroes hit_tokens_by_tier",
+        reset_stats_keeps_tier_hits,
+        (T + "test_reset_stats_zeroes_the_hits_by_tier",),
+    ),
+    Mutant(
+        "committed_counts_rewrites",
+        "committed_bytes counts each block once however often it is written",
+        committed_counts_rewrites,
+        (T + "test_storing_again_after_clear_commits_no_new_memory",),
     ),
 ]
