@@ -5,14 +5,26 @@ the suite (the first pass through each path was tested, the second was not)."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
+import torch
 from redis_server import RedisServer
-from tier_helpers import BLOCK, LAYOUT, make_store, match, store_tokens, synthetic_chain, tier_ns
+from tier_helpers import (
+    BLOCK,
+    LAYOUT,
+    NAMESPACE,
+    make_store,
+    match,
+    slot_values,
+    store_tokens,
+    synthetic_chain,
+    tier_ns,
+)
 from tiny_models import random_ids, tiny_model
 
-from hf_prefix_cache import BlockStore, PrefixCache
+from hf_prefix_cache import BlockStore, PrefixCache, hashing
 from hf_prefix_cache.compat import CACHE_KWARG
 from hf_prefix_cache.layers import PrefixFullLayer
 from hf_prefix_cache.tiers import DiskTier, HostTier, TierWarning
@@ -38,8 +50,8 @@ def test_a_disk_hit_refreshes_the_entry_so_the_size_sweep_deletes_it_last(tmp_pa
     tier.put(ns, blocks[3:5])
     assert tier.flush(10)
     assert tier.counters.evictions == 2
-    assert tier.path(ns, blocks[0].block_hash).exists(), "the entry just hit was deleted first"
-    assert not tier.path(ns, blocks[1].block_hash).exists()
+    left = [index for index, block in enumerate(blocks) if tier.path(ns, block.block_hash).exists()]
+    assert left == [0, 3, 4], "the sweep must delete least recently used first (block 0 was just hit)"
     tier.close()
 
 
@@ -94,6 +106,26 @@ def test_entries_the_size_sweep_deleted_are_written_again(tmp_path):
     tier.close()
 
 
+def test_a_second_entry_in_the_same_subfolder_is_written(tmp_path):
+    by_folder: dict[str, list] = {}
+    start = 0
+    while True:  # two one-block chains whose hashes share the first byte (the subfolder name)
+        _, (block,) = synthetic_chain(list(range(start, start + BLOCK)))
+        by_folder.setdefault(block.block_hash.hex()[:2], []).append(block)
+        if len(by_folder[block.block_hash.hex()[:2]]) == 2:
+            pair = by_folder[block.block_hash.hex()[:2]]
+            break
+        start += BLOCK
+    tier = DiskTier(tmp_path, LAYOUT, fsync=False)
+    tier.put(tier_ns(), pair[:1])
+    assert tier.flush(10)
+    tier.put(tier_ns(), pair[1:])  # its folder exists now
+    assert tier.flush(10)
+    assert tier.counters.errors == 0 and tier.counters.puts == 2
+    assert all(tier.path(tier_ns(), block.block_hash).exists() for block in pair)
+    tier.close()
+
+
 # -- the stack -------------------------------------------------------------------------------------------
 def test_clear_empties_the_host_tier_of_every_namespace(tmp_path):
     store = make_store(16, host=100 * BLOCK_BYTES)
@@ -105,6 +137,138 @@ def test_clear_empties_the_host_tier_of_every_namespace(tmp_path):
     store.tiers.clear(tier_ns())  # one view's clear()
     assert len(host) == 0 and host.used == 0  # README: clear() empties the host tier
     assert match(store, TOKENS[: 2 * BLOCK], namespace="model/other-salt")[0] == []
+
+
+def test_a_promoted_block_is_a_device_hit_the_next_time(tmp_path):
+    writer = make_store(16, disk=tmp_path)
+    store_tokens(writer, TOKENS)
+    assert writer.tiers.flush(10)
+    store = make_store(16, disk=tmp_path)
+    assert match(store, TOKENS)[1] == ["disk"] * 3
+    _, sources, keys = match(store, TOKENS)
+    assert sources == ["device"] * 3, "promoted blocks must be cached under their chain's keys"
+    assert torch.equal(keys, slot_values(TOKENS, 1.0))
+
+
+def test_a_promoted_block_evicted_again_is_written_back_to_host(tmp_path):
+    first = make_store(16, disk=tmp_path)
+    store_tokens(first, TOKENS)
+    assert first.tiers.flush(10)
+    store = make_store(16, host=100 * BLOCK_BYTES, disk=tmp_path)
+    assert match(store, TOKENS)[1] == ["disk"] * 3  # promoted into the pool from disk
+    assert store.tiers.spill_device() == 3  # the pool evicts them: write-back to host
+    _, sources, keys = match(store, TOKENS)
+    assert sources == ["host"] * 3 and torch.equal(keys, slot_values(TOKENS, 1.0))
+
+
+def test_extra_keys_reach_the_disk_under_their_own_namespace(tmp_path):
+    extra = ("adapter-a",)
+    root = hashing.root_hash(NAMESPACE)
+    hashes = hashing.hash_blocks(root, TOKENS, BLOCK, extra)
+    kv = slot_values(TOKENS, 1.0)
+
+    def write_kv(positions, block_ids):
+        index = torch.tensor([p * BLOCK + i for p in positions for i in range(BLOCK)])
+        for layer in range(len(LAYOUT)):
+            writer.kv.write(layer, block_ids, kv[:, index], kv[:, index])
+
+    writer = make_store(16, disk=tmp_path)
+    writer.release(writer.extend_chain(NAMESPACE, TOKENS, hashes, [], write_kv, extra))
+    assert writer.tiers.flush(10)
+    assert writer.tiers.namespace(NAMESPACE, extra) != writer.tiers.namespace(NAMESPACE)
+    assert {p.parent.parent.name for p in tmp_path.rglob("*.kvb")} == {
+        writer.tiers.namespace(NAMESPACE, extra).hex()
+    }
+    reader = make_store(16, disk=tmp_path)
+    sources: list[str] = []
+    blocks = reader.match(NAMESPACE, TOKENS, hashes, len(hashes), extra, sources)
+    assert sources == ["disk"] * 3
+    assert torch.equal(reader.read(0, blocks)[0], kv)
+    reader.release(blocks)
+
+
+def test_a_chain_the_host_holds_whole_is_served_with_disk_below(tmp_path):
+    store = make_store(16, host=100 * BLOCK_BYTES, disk=tmp_path)
+    store.tiers.host.put(tier_ns(), synthetic_chain(TOKENS)[1])
+    _, sources, keys = match(store, TOKENS)
+    assert sources == ["host"] * 3 and torch.equal(keys, slot_values(TOKENS, 1.0))
+
+
+def test_a_promotion_cut_short_by_a_full_pool_leaves_no_reference():
+    store = make_store(3, host=100 * BLOCK_BYTES)
+    store.tiers.host.put(tier_ns(), synthetic_chain(TOKENS)[1])
+    other = list(range(700, 700 + 2 * BLOCK))
+    held = store.extend_chain(
+        NAMESPACE,
+        other,
+        hashing.hash_blocks(hashing.root_hash(NAMESPACE), other, BLOCK),
+        [],
+        lambda p, b: None,
+    )
+    assert store.pool.num_referenced == 2
+    blocks, sources, _ = match(store, TOKENS, keep=True)
+    assert sources == ["host"] and len(blocks) == 1  # one free block: a one-block hit
+    assert store.pool.num_referenced == 3
+    store.release(blocks)
+    store.release(held)
+    assert store.pool.num_referenced == 0
+
+
+def test_evictions_without_a_host_tier_and_of_blocks_stored_before_the_tiers(tmp_path):
+    store = make_store(2)
+    store_tokens(store, TOKENS[: 2 * BLOCK])  # stored before any tier was attached: no origin known
+    store.attach_tiers([HostTier(100 * BLOCK_BYTES)])
+    store_tokens(store, list(range(500, 500 + 2 * BLOCK)))  # evicts both
+    assert len(store.tiers.host) == 0  # nothing to write back: their identity is unknown
+    disk_only = make_store(2, disk=tmp_path)
+    store_tokens(disk_only, TOKENS[: 2 * BLOCK])
+    store_tokens(disk_only, list(range(500, 500 + 2 * BLOCK)))  # evicts both: no host tier to write to
+    assert disk_only.tiers.flush(10) and len(list(tmp_path.rglob("*.kvb"))) == 4
+    assert disk_only.pool.evictions == 2 and disk_only.tiers.errors == 0
+
+
+def test_flush_reports_done_with_a_host_tier_and_keeps_its_timeout(tmp_path, monkeypatch):
+    assert make_store(4, host=10 * BLOCK_BYTES).tiers.flush(1)
+    gate = threading.Event()
+    real = disk_module.write_file
+
+    def stuck(path, data, fsync):
+        if not gate.wait(3):  # under a flush without its timeout: let the rest through
+            gate.set()
+        real(path, data, fsync)
+
+    monkeypatch.setattr(disk_module, "write_file", stuck)
+    store = make_store(16, disk=tmp_path)
+    store_tokens(store, TOKENS)
+    started = time.monotonic()
+    assert not store.tiers.flush(0.1)  # the writer is stuck: flush gives up after its timeout
+    assert time.monotonic() - started < 5
+    gate.set()
+    assert store.tiers.flush(10)
+
+
+def test_host_counters_accumulate_across_calls():
+    tier = HostTier(2 * BLOCK_BYTES)
+    requests, blocks = synthetic_chain(TOKENS)
+    ns = tier_ns()
+    tier.put(ns, blocks[:1])
+    tier.put(ns, blocks[:2])  # block 0 again: skipped, block 1 still stored
+    assert len(tier) == 2
+    tier.put(ns, blocks[2:])  # evicts one
+    tier.put(ns, blocks[2:])
+    assert len(tier.get(ns, requests[2:])) == 1
+    assert len(tier.get(ns, requests[1:])) == 2
+    tier.get(ns, requests[:1])
+    tier.get(ns, requests[:1])
+    big = synthetic_chain(list(range(BLOCK * 3)))[1]
+    too_big = type(big[0])(
+        big[0].block_hash, big[0].parent_hash, big[0].tokens, big[0].keys * 3, big[0].values * 3
+    )
+    tier.put(ns, [too_big, too_big])
+    c = tier.counters
+    assert (c.puts, c.skipped, c.evictions, c.dropped) == (3, 2, 1, 2)
+    assert (c.hits, c.misses) == (3, 2)
+    assert c.bytes_read == 3 * BLOCK_BYTES and c.bytes_written == 3 * BLOCK_BYTES
 
 
 # -- remote ----------------------------------------------------------------------------------------------
@@ -207,6 +371,19 @@ def test_after_a_connection_failure_blocks_are_sent_again_to_a_restarted_server(
     tier.put(tier_ns(), blocks)
     assert tier.flush(30)
     assert server.client().exists(*(key(block) for block in blocks)) == 3, "never sent again"
+    tier.close()
+
+
+def test_a_remote_clear_of_one_namespace_keeps_the_others(server):
+    requests, blocks = synthetic_chain(TOKENS)
+    other_requests, other_blocks = synthetic_chain(TOKENS, namespace="model/other-salt")
+    tier = remote(server)
+    tier.put(tier_ns(), blocks)
+    tier.put(tier_ns("model/other-salt"), other_blocks)
+    assert tier.flush(30)
+    assert tier.clear(tier_ns()) == 3
+    assert tier.get(tier_ns(), requests) == []
+    assert len(tier.get(tier_ns("model/other-salt"), other_requests)) == 3
     tier.close()
 
 

@@ -235,6 +235,173 @@ def committed_counts_rewrites() -> None:
     KVPool.mark_written = counting_again
 
 
+def promoted_root_keys() -> None:
+    """Blocks promoted from a lower tier are cached under a key that forgets their parent block."""
+    from hf_prefix_cache.tiers.stack import TierStack
+
+    place = TierStack._place
+
+    def forgetting_parents(self, namespace, digest, chain, found, extra_keys, sources):
+        promoted = place(self, namespace, digest, chain, found, extra_keys, sources)
+        for block in promoted:
+            block.key = (("root", namespace), block.key[1], block.key[2])
+        return promoted
+
+    TierStack._place = forgetting_parents
+
+
+def promoted_no_origin() -> None:
+    """A block promoted from a lower tier is not written back to host when the pool evicts it again."""
+    from hf_prefix_cache.tiers.stack import TierStack
+
+    place = TierStack._place
+
+    def without_origin(self, namespace, digest, chain, found, extra_keys, sources):
+        promoted = place(self, namespace, digest, chain, found, extra_keys, sources)
+        for block in promoted:
+            self._origins.pop(block.block_id, None)
+        return promoted
+
+    TierStack._place = without_origin
+
+
+def publish_without_extra_keys() -> None:
+    """Write-through files blocks under the tier namespace without the view's extra keys."""
+    from hf_prefix_cache.tiers.stack import TierStack
+
+    publish = TierStack._publish
+
+    def without(self, namespace, tokens, hashes, positions, blocks, extra_keys):
+        return publish(self, namespace, tokens, hashes, positions, blocks, ())
+
+    TierStack._publish = without
+
+
+def disk_subfolder_exists_fails() -> None:
+    """Writing an entry fails when its two-character subfolder already exists (mkdir without exist_ok)."""
+    from hf_prefix_cache.tiers.disk import DiskTier
+
+    write = DiskTier._write
+
+    def failing(self, namespace, block):
+        path = self.path(namespace, block.block_hash)
+        if path.parent.exists() and not path.exists():
+            self.error("write", f"cannot write {path} (FileExistsError)")
+            return None
+        return write(self, namespace, block)
+
+    DiskTier._write = failing
+
+
+def disk_sweep_by_path() -> None:
+    """The size sweep deletes entries in path (hash) order instead of least recently used first."""
+    from hf_prefix_cache.tiers.disk import DiskTier
+
+    scan = DiskTier._scan
+
+    def by_path(self):
+        entries = sorted(scan(self))
+        return [(path, size, float(order)) for order, (path, size, _) in enumerate(entries)]
+
+    DiskTier._scan = by_path
+
+
+def remote_clear_every_namespace() -> None:
+    """RemoteTier.clear(namespace) deletes every namespace of its key prefix."""
+    from hf_prefix_cache.tiers.remote import RemoteTier
+
+    clear = RemoteTier.clear
+
+    def everything(self, namespace=None):
+        return clear(self, None)
+
+    RemoteTier.clear = everything
+
+
+def stack_flush_ignores_timeout() -> None:
+    """TierStack.flush(timeout) waits without a limit for the tiers' writers."""
+    from hf_prefix_cache.tiers.stack import TierStack
+
+    flush = TierStack.flush
+
+    def unbounded(self, timeout=None):
+        return flush(self, None)
+
+    TierStack.flush = unbounded
+
+
+def tier_flush_false() -> None:
+    """Tiers without a writer (host) report that a flush timed out."""
+    from hf_prefix_cache.tiers.base import Tier
+
+    flush = Tier.flush
+
+    def never_done(self, timeout=None):
+        flush(self, timeout)
+        return False
+
+    Tier.flush = never_done
+
+
+def host_counters_overwritten() -> None:
+    """The host tier's hit counter holds the last lookup's hits instead of the total."""
+    from hf_prefix_cache.tiers.host import HostTier
+
+    get = HostTier.get
+
+    def last_only(self, namespace, requests):
+        found = get(self, namespace, requests)
+        self.counters.hits = len(found)
+        return found
+
+    HostTier.get = last_only
+
+
+def fetch_gives_up_when_host_has_all() -> None:
+    """A chain the first tier holds whole ends the lookup with nothing (the loop returns instead of stopping)."""
+    from hf_prefix_cache.tiers.stack import TierStack
+
+    fetch = TierStack._fetch
+
+    def giving_up(self, namespace, tokens, hashes, start, limit, extra_keys):
+        found = fetch(self, namespace, tokens, hashes, start, limit, extra_keys)
+        first = self.tiers[0].name
+        if len(self.tiers) > 1 and found and len(found) == limit - start and {n for _, n in found} == {first}:
+            return None
+        return found
+
+    TierStack._fetch = giving_up
+
+
+def promotion_cut_short_leaks() -> None:
+    """A promotion cut short by a full pool keeps a reference to the blocks it took."""
+    from hf_prefix_cache.tiers.stack import TierStack
+
+    place = TierStack._place
+
+    def leaking(self, namespace, digest, chain, found, extra_keys, sources):
+        promoted = place(self, namespace, digest, chain, found, extra_keys, sources)
+        if promoted and len(promoted) < len(found):
+            self.store.pool.touch(promoted[0])
+        return promoted
+
+    TierStack._place = leaking
+
+
+def evicting_needs_a_host() -> None:
+    """The write-back hook fails on a stack without a host tier (``and`` for ``or`` in its guard)."""
+    from hf_prefix_cache.tiers.stack import TierStack
+
+    evicting = TierStack.evicting
+
+    def failing(self, block):
+        if self.host is None and self._origins.get(block.block_id) is not None:
+            raise AttributeError("'NoneType' object has no attribute 'has'")
+        return evicting(self, block)
+
+    TierStack.evicting = failing
+
+
 MUTANTS: list[Mutant] = [
     Mutant(
         "disk_hit_keeps_mtime",
@@ -313,5 +480,77 @@ MUTANTS: list[Mutant] = [
         "committed_bytes counts each block once however often it is written",
         committed_counts_rewrites,
         (T + "test_storing_again_after_clear_commits_no_new_memory",),
+    ),
+    Mutant(
+        "promoted_root_keys",
+        "a block promoted from a lower tier is a device hit the next time",
+        promoted_root_keys,
+        (T + "test_a_promoted_block_is_a_device_hit_the_next_time",),
+    ),
+    Mutant(
+        "promoted_no_origin",
+        "a promoted block evicted again is written back to host",
+        promoted_no_origin,
+        (T + "test_a_promoted_block_evicted_again_is_written_back_to_host",),
+    ),
+    Mutant(
+        "publish_without_extra_keys",
+        "blocks of a view with extra keys hit on disk",
+        publish_without_extra_keys,
+        (T + "test_extra_keys_reach_the_disk_under_their_own_namespace",),
+    ),
+    Mutant(
+        "disk_subfolder_exists_fails",
+        "a second entry in an existing subfolder is written",
+        disk_subfolder_exists_fails,
+        (T + "test_a_second_entry_in_the_same_subfolder_is_written",),
+    ),
+    Mutant(
+        "disk_sweep_by_path",
+        "the size sweep deletes least recently used entries first",
+        disk_sweep_by_path,
+        (T + "test_a_disk_hit_refreshes_the_entry_so_the_size_sweep_deletes_it_last",),
+    ),
+    Mutant(
+        "remote_clear_every_namespace",
+        "RemoteTier.clear(namespace) keeps the other namespaces",
+        remote_clear_every_namespace,
+        (T + "test_a_remote_clear_of_one_namespace_keeps_the_others",),
+    ),
+    Mutant(
+        "stack_flush_ignores_timeout",
+        "cache.flush(timeout) returns False when the timeout runs out",
+        stack_flush_ignores_timeout,
+        (T + "test_flush_reports_done_with_a_host_tier_and_keeps_its_timeout",),
+    ),
+    Mutant(
+        "tier_flush_false",
+        "flush() reports done on a stack with a host tier",
+        tier_flush_false,
+        (T + "test_flush_reports_done_with_a_host_tier_and_keeps_its_timeout",),
+    ),
+    Mutant(
+        "host_counters_overwritten",
+        "the host tier's counters accumulate",
+        host_counters_overwritten,
+        (T + "test_host_counters_accumulate_across_calls",),
+    ),
+    Mutant(
+        "fetch_gives_up_when_host_has_all",
+        "a chain the host holds whole is served with disk below",
+        fetch_gives_up_when_host_has_all,
+        (T + "test_a_chain_the_host_holds_whole_is_served_with_disk_below",),
+    ),
+    Mutant(
+        "promotion_cut_short_leaks",
+        "a promotion cut short by a full pool leaves no reference",
+        promotion_cut_short_leaks,
+        (T + "test_a_promotion_cut_short_by_a_full_pool_leaves_no_reference",),
+    ),
+    Mutant(
+        "evicting_needs_a_host",
+        "evictions work without a host tier",
+        evicting_needs_a_host,
+        (T + "test_evictions_without_a_host_tier_and_of_blocks_stored_before_the_tiers",),
     ),
 ]
