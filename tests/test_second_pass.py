@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ from hf_prefix_cache.compat import CACHE_KWARG
 from hf_prefix_cache.layers import PrefixFullLayer
 from hf_prefix_cache.tiers import DiskTier, HostTier, TierWarning
 from hf_prefix_cache.tiers import disk as disk_module
+from hf_prefix_cache.tiers import remote as remote_module
 from hf_prefix_cache.tiers.remote import RemoteTier
 
 TOKENS = list(range(10, 10 + 3 * BLOCK))  # three full blocks
@@ -321,6 +323,10 @@ def test_re_putting_blocks_refreshes_their_ttl(server):
     assert all(client.pttl(key(block)) == -1 for block in blocks)
     write(server, blocks, ttl=60)  # another process, with a TTL: the blocks are in use, keep them 60 s
     assert all(0 < client.pttl(key(block)) <= 60_000 for block in blocks)
+    again = remote(server)  # and one without a TTL re-puts them: no error, the TTL stays
+    again.put(tier_ns(), blocks)
+    assert again.flush(30) and again.counters.errors == 0 and again.counters.skipped == 3
+    assert all(0 < client.pttl(key(block)) <= 60_000 for block in blocks)
 
 
 def test_blocks_the_server_evicted_are_sent_again(server):
@@ -384,6 +390,96 @@ def test_a_remote_clear_of_one_namespace_keeps_the_others(server):
     assert tier.clear(tier_ns()) == 3
     assert tier.get(tier_ns(), requests) == []
     assert len(tier.get(tier_ns("model/other-salt"), other_requests)) == 3
+    tier.close()
+
+
+def test_a_long_remote_chain_is_fetched_in_several_batches(server, monkeypatch):
+    requests, blocks = synthetic_chain(TOKENS)
+    write(server, blocks)
+    monkeypatch.setattr(remote_module, "FETCH_BATCH", 1)  # one MGET per block
+    reader = remote(server)
+    assert len(reader.get(tier_ns(), requests)) == 3
+    assert reader.counters.round_trips == 1 + 3
+
+
+def test_a_bad_value_deleted_on_read_is_sent_again_by_the_next_store(server):
+    requests, blocks = synthetic_chain(TOKENS)
+    tier = remote(server)
+    tier.put(tier_ns(), blocks)
+    assert tier.flush(30)
+    client = server.client()
+    client.set(key(blocks[1]), b"not an entry")  # damaged on the server
+    with pytest.warns(TierWarning):
+        assert len(tier.get(tier_ns(), requests)) == 1
+    assert client.exists(key(blocks[1])) == 0
+    tier.put(tier_ns(), blocks)
+    assert tier.flush(30)
+    assert client.get(key(blocks[1])) == remote_module.encode(tier_ns(), blocks[1])
+    tier.close()
+
+
+def test_a_block_evicted_between_the_lookup_and_the_fetch_is_forgotten(server, monkeypatch):
+    requests, blocks = synthetic_chain(TOKENS)
+    tier = remote(server)
+    tier.put(tier_ns(), blocks)
+    assert tier.flush(30)
+    server.client().delete(key(blocks[1]))
+    # the EXISTS still saw all three (the server evicted block 1 just after it)
+    monkeypatch.setattr(RemoteTier, "contains", lambda self, namespace, hashes: len(hashes))
+    assert len(tier.get(tier_ns(), requests)) == 1
+    assert not tier.has(tier_ns(), blocks[1].block_hash)  # a later store sends it again
+    tier.close()
+
+
+def test_a_batch_whose_first_block_the_server_holds_sends_the_rest(server):
+    _, blocks = synthetic_chain(TOKENS)
+    write(server, blocks[:1])  # another process stored block 0
+    tier = remote(server)
+    tier.put(tier_ns(), blocks)
+    assert tier.flush(30)
+    assert tier.counters.skipped == 1 and tier.counters.puts == 2
+    assert server.client().exists(*(key(block) for block in blocks)) == 3
+    tier.close()
+
+
+def test_a_full_server_is_a_counted_server_error_and_reads_go_on(server):
+    requests, blocks = synthetic_chain(TOKENS)
+    write(server, blocks[:1])
+    client = server.client()
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", "1")  # every write is refused: OOM
+    try:
+        tier = remote(server)
+        with pytest.warns(TierWarning, match="server"):
+            tier.put(tier_ns(), blocks[1:])
+            assert tier.flush(30)
+        assert tier.counters.error_kinds == {"server": 1} and tier.counters.dropped == 2
+        assert tier.available()  # not a connection failure: no back-off
+        assert len(tier.get(tier_ns(), requests)) == 1
+    finally:
+        client.config_set("maxmemory-policy", "allkeys-lru")
+        client.config_set("maxmemory", server.maxmemory)
+
+
+def test_the_back_off_starts_again_after_a_recovery(server):
+    requests, blocks = synthetic_chain(TOKENS)
+    write(server, blocks)
+    tier = remote(server, backoff_s=0.1)
+    for round_ in range(2):  # fail, recover; fail again, recover again
+        server.kill()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TierWarning)
+            assert tier.get(tier_ns(), requests) == []
+        assert tier._delay == 0.2  # doubled for the next failure
+        server.start()
+        write(server, blocks)
+        deadline = time.monotonic() + 30
+        while not tier.available():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert len(tier.get(tier_ns(), requests)) == 3
+        assert tier._delay == 0.1, "a success resets the back-off"
+        assert tier.counters.error_kinds == {"connection": round_ + 1}
     tier.close()
 
 

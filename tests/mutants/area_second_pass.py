@@ -402,6 +402,77 @@ def evicting_needs_a_host() -> None:
     TierStack.evicting = failing
 
 
+def remote_fetch_one_batch() -> None:
+    """A remote lookup fetches only the first MGET batch of a long chain."""
+    from hf_prefix_cache.tiers import remote
+    from hf_prefix_cache.tiers.remote import RemoteTier
+
+    get = RemoteTier.get
+
+    def one_batch(self, namespace, requests):
+        return get(self, namespace, requests[: remote.FETCH_BATCH])
+
+    RemoteTier.get = one_batch
+
+
+def remote_fetch_keeps_known() -> None:
+    """A block gone or bad at MGET time (after the EXISTS) stays 'known': the next store skips it."""
+    from hf_prefix_cache.tiers.remote import RemoteTier
+
+    fetch = RemoteTier._fetch
+
+    def remembering(self, namespace, requests):
+        with self._state_lock:
+            known = [r.block_hash for r in requests if (namespace, r.block_hash) in self._known]
+        blocks = fetch(self, namespace, requests)
+        for block_hash in known:
+            self._remember(namespace, block_hash)
+        return blocks
+
+    RemoteTier._fetch = remembering
+
+
+def remote_write_stops_at_existing() -> None:
+    """The writer stops a batch at the first block the server holds (break for continue)."""
+    from hf_prefix_cache.tiers.remote import RemoteTier
+
+    write = RemoteTier._write
+
+    def stopping(self, batch):
+        keys = [self.key(namespace, block.block_hash) for namespace, block in batch]
+        try:
+            present = [self.client.exists(key) for key in keys]
+        except self._redis_errors:
+            return write(self, batch)
+        cut = present.index(1) + 1 if any(present) else len(batch)
+        write(self, batch[:cut])
+        for namespace, block in batch[cut:]:
+            self._remember(namespace, block.block_hash)
+
+    RemoteTier._write = stopping
+
+
+def remote_server_error_raises() -> None:
+    """A server error that is not a lost connection (OOM, AUTH) raises inside the tier."""
+    from hf_prefix_cache.tiers.remote import RemoteTier
+
+    failed = RemoteTier._failed
+
+    def raising(self, error, doing):
+        if not isinstance(error, self._connection_errors):
+            raise TypeError("error() missing 1 required positional argument: 'message'")
+        return failed(self, error, doing)
+
+    RemoteTier._failed = raising
+
+
+def remote_backoff_never_resets() -> None:
+    """A success after a failure keeps the grown back-off (the next failure waits longer)."""
+    from hf_prefix_cache.tiers.remote import RemoteTier
+
+    RemoteTier._succeeded = lambda self: None
+
+
 MUTANTS: list[Mutant] = [
     Mutant(
         "disk_hit_keeps_mtime",
@@ -552,5 +623,38 @@ MUTANTS: list[Mutant] = [
         "evictions work without a host tier",
         evicting_needs_a_host,
         (T + "test_evictions_without_a_host_tier_and_of_blocks_stored_before_the_tiers",),
+    ),
+    Mutant(
+        "remote_fetch_one_batch",
+        "a long remote chain is fetched in several MGET batches",
+        remote_fetch_one_batch,
+        (T + "test_a_long_remote_chain_is_fetched_in_several_batches",),
+    ),
+    Mutant(
+        "remote_fetch_keeps_known",
+        "a block gone or bad at MGET time is sent again by the next store",
+        remote_fetch_keeps_known,
+        (
+            T + "test_a_bad_value_deleted_on_read_is_sent_again_by_the_next_store",
+            T + "test_a_block_evicted_between_the_lookup_and_the_fetch_is_forgotten",
+        ),
+    ),
+    Mutant(
+        "remote_write_stops_at_existing",
+        "the writer sends every new block of a batch",
+        remote_write_stops_at_existing,
+        (T + "test_a_batch_whose_first_block_the_server_holds_sends_the_rest",),
+    ),
+    Mutant(
+        "remote_server_error_raises",
+        "a full server is a counted 'server' error, reads go on",
+        remote_server_error_raises,
+        (T + "test_a_full_server_is_a_counted_server_error_and_reads_go_on",),
+    ),
+    Mutant(
+        "remote_backoff_never_resets",
+        "the back-off starts again after a recovery",
+        remote_backoff_never_resets,
+        (T + "test_the_back_off_starts_again_after_a_recovery",),
     ),
 ]
