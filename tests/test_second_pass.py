@@ -483,6 +483,25 @@ def test_the_back_off_starts_again_after_a_recovery(server):
     tier.close()
 
 
+def test_an_unexpected_writer_failure_is_counted_and_the_next_put_goes_through(server, monkeypatch):
+    _, blocks = synthetic_chain(TOKENS)
+    tier = remote(server)
+
+    def broken(namespace, block):
+        raise RuntimeError("encoder bug")
+
+    monkeypatch.setattr(remote_module, "encode", broken)
+    with pytest.warns(TierWarning, match="writer"):
+        tier.put(tier_ns(), blocks)
+        assert tier.flush(30)
+    assert tier.counters.error_kinds == {"writer": 1} and tier.counters.puts == 0
+    monkeypatch.undo()
+    tier.put(tier_ns(), blocks)  # the retry: nothing was remembered as sent
+    assert tier.flush(30) and tier.counters.puts == 3
+    assert server.client().exists(*(key(block) for block in blocks)) == 3
+    tier.close()
+
+
 # -- the cache -------------------------------------------------------------------------------------------
 def test_clear_releases_the_per_call_layer_buffers():
     model = tiny_model("llama")

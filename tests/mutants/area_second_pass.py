@@ -473,6 +473,19 @@ def remote_backoff_never_resets() -> None:
     RemoteTier._succeeded = lambda self: None
 
 
+def remote_writer_errors_uncounted() -> None:
+    """A failure the remote writer did not expect is neither counted nor warned about."""
+    from hf_prefix_cache.tiers.remote import RemoteTier
+
+    error = RemoteTier.error
+
+    def silent(self, kind, message):
+        if kind != "writer":
+            error(self, kind, message)
+
+    RemoteTier.error = silent
+
+
 MUTANTS: list[Mutant] = [
     Mutant(
         "disk_hit_keeps_mtime",
@@ -656,5 +669,11 @@ MUTANTS: list[Mutant] = [
         "the back-off starts again after a recovery",
         remote_backoff_never_resets,
         (T + "test_the_back_off_starts_again_after_a_recovery",),
+    ),
+    Mutant(
+        "remote_writer_errors_uncounted",
+        "an unexpected remote writer failure is counted, and the next put goes through",
+        remote_writer_errors_uncounted,
+        (T + "test_an_unexpected_writer_failure_is_counted_and_the_next_put_goes_through",),
     ),
 ]
