@@ -502,6 +502,65 @@ def test_an_unexpected_writer_failure_is_counted_and_the_next_put_goes_through(s
     tier.close()
 
 
+# -- the store -------------------------------------------------------------------------------------------
+def _write_recording(store, tokens, positions_seen):
+    kv = slot_values(tokens, 1.0)
+
+    def write(positions, block_ids):
+        positions_seen.append(list(positions))
+        index = torch.tensor([p * BLOCK + i for p in positions for i in range(BLOCK)])
+        for layer in range(len(LAYOUT)):
+            store.kv.write(layer, block_ids, kv[:, index], kv[:, index])
+
+    return write
+
+
+def test_storing_a_prefix_again_writes_only_its_new_blocks():
+    store = make_store(8)
+    tokens = list(range(10, 10 + 3 * BLOCK))
+    hashes = hashing.hash_blocks(hashing.root_hash(NAMESPACE), tokens, BLOCK)
+    seen: list[list[int]] = []
+    store.release(
+        store.extend_chain(
+            NAMESPACE, tokens[: 2 * BLOCK], hashes[:2], [], _write_recording(store, tokens, seen)
+        )
+    )
+    chain = store.extend_chain(NAMESPACE, tokens, hashes, [], _write_recording(store, tokens, seen))
+    assert seen == [[0, 1], [2]], "blocks already stored must be reused, not written again"
+    assert len(chain) == 3 and store.pool.num_cached == 3
+    store.release(chain)
+    held, _, _ = match(store, tokens[: 2 * BLOCK], keep=True)  # a partial hit, then the rest of the prompt
+    chain = store.extend_chain(NAMESPACE, tokens, hashes, held, _write_recording(store, tokens, seen))
+    assert chain[:2] == held and len(chain) == 3 and seen[-1] == [2]
+    store.release(chain)
+    assert store.pool.num_referenced == 0
+
+
+def test_a_store_cut_short_by_a_full_pool_keeps_what_fit():
+    store = make_store(2)
+    tokens = list(range(10, 10 + 3 * BLOCK))
+    store_tokens(store, tokens)  # 3 blocks, room for 2
+    assert store.pool.num_cached == 2 and store.pool.num_referenced == 0
+    _, _, keys = match(store, tokens)
+    assert torch.equal(keys, slot_values(tokens, 1.0)[:, : 2 * BLOCK])
+
+
+def test_an_interrupt_during_a_tier_lookup_leaves_no_reference(monkeypatch):
+    store = make_store(8, host=100 * BLOCK_BYTES)
+    store_tokens(store, TOKENS[: 2 * BLOCK])
+    store.tiers.host.put(tier_ns(), synthetic_chain(TOKENS)[1])
+
+    def interrupted(namespace, requests):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store.tiers.host, "get", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        match(store, TOKENS)  # two device hits, then the host lookup is interrupted
+    assert store.pool.num_referenced == 0
+    monkeypatch.undo()
+    assert match(store, TOKENS)[1] == ["device", "device", "host"]  # the retry
+
+
 # -- the cache -------------------------------------------------------------------------------------------
 def test_clear_releases_the_per_call_layer_buffers():
     model = tiny_model("llama")

@@ -486,6 +486,38 @@ def remote_writer_errors_uncounted() -> None:
     RemoteTier.error = silent
 
 
+def store_rewrites_identical() -> None:
+    """Storing a prefix again does not find its stored blocks: every block is written anew."""
+    from hf_prefix_cache.store import BlockStore
+
+    extend = BlockStore._extend
+
+    def rewriting(self, namespace, tokens, hashes, chain, write, extra_keys):
+        self.pool.lookup = lambda block_hash, key: None
+        try:
+            return extend(self, namespace, tokens, hashes, chain, write, extra_keys)
+        finally:
+            del self.pool.lookup
+
+    BlockStore._extend = rewriting
+
+
+def store_leaks_on_interrupt() -> None:
+    """An exception during a lookup (Ctrl-C in a tier) leaves the chain's references taken."""
+    from hf_prefix_cache.store import BlockStore
+
+    match = BlockStore.match
+
+    def leaking(self, *args, **kwargs):
+        self.pool.release = lambda blocks: None  # match() releases only when something raised
+        try:
+            return match(self, *args, **kwargs)
+        finally:
+            del self.pool.release
+
+    BlockStore.match = leaking
+
+
 MUTANTS: list[Mutant] = [
     Mutant(
         "disk_hit_keeps_mtime",
@@ -675,5 +707,17 @@ MUTANTS: list[Mutant] = [
         "an unexpected remote writer failure is counted, and the next put goes through",
         remote_writer_errors_uncounted,
         (T + "test_an_unexpected_writer_failure_is_counted_and_the_next_put_goes_through",),
+    ),
+    Mutant(
+        "store_rewrites_identical",
+        "storing a prefix again writes only its new blocks",
+        store_rewrites_identical,
+        (T + "test_storing_a_prefix_again_writes_only_its_new_blocks",),
+    ),
+    Mutant(
+        "store_leaks_on_interrupt",
+        "an interrupt during a tier lookup leaves no reference",
+        store_leaks_on_interrupt,
+        (T + "test_an_interrupt_during_a_tier_lookup_leaves_no_reference",),
     ),
 ]
