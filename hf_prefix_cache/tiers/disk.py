@@ -116,10 +116,15 @@ class DiskTier(Tier):
         found: list[BlockData] = []
         if not self.usable or self._closed:
             return found
-        for request in requests:
+        for index, request in enumerate(requests):
             block = self._read(namespace, request)
             if block is None:
                 self.count(misses=1)
+                # Past a missing entry (another process's size sweep deleted it, say) this process's
+                # memory of what is on disk is stale: forget the rest, so a later store checks the folder
+                # again instead of skipping blocks that are gone.
+                for later in requests[index + 1 :]:
+                    self._known.discard((namespace, later.block_hash))
                 break
             found.append(block)
         self.count(hits=len(found))

@@ -224,7 +224,10 @@ class RemoteTier(Tier):
         leading = self.contains(namespace, [request.block_hash for request in requests])
         if leading < len(requests):
             self.count(misses=1)
-            self._forget(namespace, requests[leading].block_hash)
+            # the server lost (or never had) these: forget them all, so a later store sends each again
+            # (forgetting only the first would leave the chain broken at the next one for one more round)
+            for request in requests[leading:]:
+                self._forget(namespace, request.block_hash)
         if leading == 0:
             return found
         if sum(len(request.tokens) for request in requests[:leading]) < self.min_tokens:
