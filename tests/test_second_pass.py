@@ -274,20 +274,6 @@ def test_host_counters_accumulate_across_calls():
 
 
 # -- remote ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def module_server(tmp_path_factory):
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
-@pytest.fixture
-def server(module_server):
-    if module_server.process is None:
-        module_server.start()
-    client = module_server.client()
-    client.config_set("maxmemory", module_server.maxmemory)
-    client.flushall()
-    return module_server
 
 
 def remote(server: RedisServer, **options) -> RemoteTier:

@@ -20,27 +20,12 @@ from exactness import (
     model_for,
     new_tokens,
 )
-from redis_server import RedisServer
 from tiny_models import random_ids
 
 from hf_prefix_cache import PrefixCache
 from hf_prefix_cache.tiers import TierWarning
 
 GREEDY = STRATEGIES["greedy"]
-
-
-@pytest.fixture(scope="module")
-def module_server(tmp_path_factory):
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
-@pytest.fixture
-def server(module_server):
-    if module_server.process is None:  # a test killed it
-        module_server.start()
-    module_server.client().flushall()
-    return module_server
 
 
 def remote_cache(model, server, **options) -> PrefixCache:

@@ -19,22 +19,6 @@ from hf_prefix_cache.tiers.remote import RemoteTier
 TOKENS = list(range(10, 10 + 3 * BLOCK))  # three full blocks
 
 
-@pytest.fixture(scope="module")
-def module_server(tmp_path_factory):
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
-@pytest.fixture
-def server(module_server):
-    if module_server.process is None:  # a test killed it
-        module_server.start()
-    client = module_server.client()
-    client.config_set("maxmemory", module_server.maxmemory)
-    client.flushall()
-    return module_server
-
-
 def remote(server: RedisServer, **options) -> RemoteTier:
     options.setdefault("min_tokens", 0)
     return RemoteTier(server.url, LAYOUT, **options)

@@ -12,7 +12,6 @@ import warnings
 import pytest
 import torch
 from exact import assert_same_output, greedy
-from redis_server import RedisServer
 from tier_helpers import BLOCK, LAYOUT, synthetic_chain, tier_ns
 from tiny_models import random_ids, tiny_model
 
@@ -31,20 +30,6 @@ OTHER = "another-secret-0123456789abcdef!"
 @pytest.fixture(scope="module")
 def model():
     return tiny_model("llama").eval()
-
-
-@pytest.fixture(scope="module")
-def module_server(tmp_path_factory):
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
-@pytest.fixture
-def server(module_server):
-    if module_server.process is None:
-        module_server.start()
-    module_server.client().flushall()
-    return module_server
 
 
 def forge(data: bytes) -> bytes:
