@@ -10,7 +10,7 @@ from typing import Any
 
 __all__ = ["EvalConfig", "EvalResults", "run_evaluation"]
 
-_LAZY = {"EvalConfig": ".config", "EvalResults": ".runner", "run_evaluation": ".runner"}
+_LAZY = {"EvalConfig": ".config", "EvalResults": ".results", "run_evaluation": ".runner"}
 
 
 def __getattr__(name: str) -> Any:

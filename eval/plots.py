@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from .modes import BASELINE
 
 if TYPE_CHECKING:
-    from .runner import EvalResults
+    from .results import EvalResults
 
 logger = logging.getLogger(__name__)
 
