@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import random
 import resource
 import statistics
@@ -52,11 +51,9 @@ from hf_prefix_cache.hashing import hash_blocks, root_hash
 from hf_prefix_cache.layout import run_probe
 
 from . import bench_ttft
+from .bench_common import real_text_corpus
 from .models import load_model
-
-
-def load_average() -> float:
-    return os.getloadavg()[0]
+from .timing import load_average
 
 
 def resident_mib() -> float:
@@ -66,7 +63,7 @@ def resident_mib() -> float:
 
 def text_ids(tokenizer, count: int, skip: int = 0) -> list[int]:
     """``count`` ids of real text; the corpus is repeated when it is shorter."""
-    corpus = bench_ttft.real_text_corpus(tokenizer)
+    corpus = real_text_corpus(tokenizer)
     repeated = corpus * (1 + (skip + count) // len(corpus))
     return repeated[skip : skip + count]
 

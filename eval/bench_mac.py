@@ -67,7 +67,7 @@ def ttft_side_by_side(prefix_tokens: int, new_tokens: int, repeats: int, seed: i
     from hf_prefix_cache.compat import CACHE_KWARG
     from hf_prefix_cache.tiers import BlockRequest
 
-    from .bench_ttft import real_text_ids
+    from .bench_common import real_text_ids
     from .models import load_model
 
     model, tokenizer = load_model("smollm2")

@@ -35,8 +35,7 @@ import torch
 from hf_prefix_cache import PrefixCache
 from hf_prefix_cache.compat import CACHE_KWARG
 
-from .bench_report import add_prompt_options, finish, print_modes, verdict
-from .bench_ttft import real_text_ids, timed
+from .bench_common import add_prompt_options, finish, print_modes, prompts_for, real_text_ids, timed, verdict
 from .models import load_model
 
 TARGET = 8.0
@@ -79,14 +78,6 @@ def redis_server(maxmemory: str = "2gb"):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def prompts_for(tokenizer, prefix_tokens: int, new_tokens: int, repeats: int) -> tuple[list[int], list]:
-    prefix = real_text_ids(tokenizer, prefix_tokens)
-    suffixes = [
-        real_text_ids(tokenizer, new_tokens, skip=prefix_tokens + i * new_tokens) for i in range(repeats + 1)
-    ]
-    return prefix, [torch.tensor([prefix + suffix]) for suffix in suffixes]
-
-
 def fill(url: str, prefix_tokens: int) -> dict:
     """The filler process: store the prefix on the server, then report what was written."""
     model, tokenizer = load_model("smollm2")
@@ -114,7 +105,7 @@ def run_benchmark(url: str, prefix_tokens: int, new_tokens: int, repeats: int, s
     filled = json.loads(filler.stdout.strip().splitlines()[-1])
 
     model, tokenizer = load_model("smollm2")
-    _, prompts = prompts_for(tokenizer, prefix_tokens, new_tokens, repeats)
+    prompts = prompts_for(tokenizer, prefix_tokens, new_tokens, repeats + 1)
 
     def generate(ids, **kwargs):
         return model.generate(

@@ -38,8 +38,7 @@ import torch
 
 from hf_prefix_cache import PrefixCache
 
-from .bench_report import add_prompt_options, finish, print_modes, verdict
-from .bench_ttft import real_text_ids, timed
+from .bench_common import add_prompt_options, finish, print_modes, prompts_for, timed, verdict
 from .models import load_model
 
 SPILLED_POOL = "256MiB"  # device pool of the host/disk modes: small, so a few promotions commit it all
@@ -58,14 +57,6 @@ def drop_page_cache(folder: Path) -> bool:
         with open(path, "rb") as handle:
             os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     return True
-
-
-def prompts_for(tokenizer, prefix_tokens: int, new_tokens: int, count: int) -> list[torch.Tensor]:
-    prefix = real_text_ids(tokenizer, prefix_tokens)
-    return [
-        torch.tensor([prefix + real_text_ids(tokenizer, new_tokens, skip=prefix_tokens + i * new_tokens)])
-        for i in range(count)
-    ]
 
 
 def generate(model, ids, **kwargs):

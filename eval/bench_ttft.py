@@ -20,7 +20,6 @@ import argparse
 import copy
 import random
 import statistics
-import time
 
 import torch
 from tqdm import tqdm
@@ -29,8 +28,7 @@ from transformers import DynamicCache
 from hf_prefix_cache import PrefixCache
 from hf_prefix_cache.compat import CACHE_KWARG
 
-from .bench_report import add_prompt_options, finish, print_modes, verdict
-from .data import default_system_prompt, load_conversations
+from .bench_common import add_prompt_options, finish, print_modes, real_text_ids, timed, verdict
 from .models import load_model
 
 MODES = ("no_cache", "ideal", "warm", "cold")
@@ -39,32 +37,6 @@ TARGETS = {
     "warm / ideal": ("<=", 1.10),
     "cold / no_cache": ("<=", 1.03),
 }
-
-
-def real_text_corpus(tokenizer) -> list[int]:
-    """Token ids of the system prompt, then every MT-Bench question."""
-    text = (
-        default_system_prompt()
-        + "\n\n"
-        + "\n\n".join(
-            turn.user for conversation in load_conversations("mtbench") for turn in conversation.turns
-        )
-    )
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def real_text_ids(tokenizer, count: int, skip: int = 0) -> list[int]:
-    """``count`` token ids of real text (the system prompt, then MT-Bench questions), from offset ``skip``."""
-    ids = real_text_corpus(tokenizer)
-    if len(ids) < skip + count:
-        raise ValueError(f"only {len(ids)} tokens of text available, asked for {skip + count}")
-    return ids[skip : skip + count]
-
-
-def timed(call) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
 
 
 def run_benchmark(prefix_tokens: int = 2000, new_tokens: int = 32, repeats: int = 5, seed: int = 0) -> dict:

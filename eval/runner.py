@@ -35,6 +35,7 @@ from .replay import Replay, build_messages, render_prompt
 from .report import write_outputs
 from .results import EvalResults
 from .subruns import PlannedTurn
+from .timing import load_average
 
 logger = logging.getLogger(__name__)
 
@@ -319,14 +320,6 @@ def _finish_cb_hits(modes: list[Mode], records: list[TurnRecord]) -> None:
 def _postfix(outputs: dict[str, tuple[int, Generation | None, str | None]]) -> str:
     parts = [f"{name} {out.ttft_s:.2f}s" for name, (_, out, _) in sorted(outputs.items()) if out is not None]
     return "TTFT " + ", ".join(parts)
-
-
-def load_average() -> float | None:
-    """The 1-minute load average (None where the platform has none)."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
 
 
 def environment(

@@ -8,6 +8,7 @@ did first: a cache lookup, a deep copy, the prefill.
 
 from __future__ import annotations
 
+import os
 import time
 
 from transformers.generation.streamers import BaseStreamer
@@ -37,3 +38,12 @@ class FirstTokenTimer(BaseStreamer):
     def ttft(self, start: float) -> float:
         """Seconds from ``start`` to the first generated token (NaN if none was generated)."""
         return self.first_token_time - start if self.first_token_time is not None else float("nan")
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the platform has none): other processes' CPU use, printed
+    beside every timing since this machine is shared."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None

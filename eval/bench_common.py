@@ -1,10 +1,52 @@
-"""What the TTFT benchmarks (``bench_ttft``, ``bench_tiers``, ``bench_remote``) share: their common
-options, how a mode's timings and a ratio against its target are printed, and how a run ends."""
+"""What the benchmarks share: real-text prompts, a timer, the common options, how a mode's timings and a
+ratio against its target are printed, and how a run ends."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
+
+import torch
+
+from .data import default_system_prompt, load_conversations
+
+
+def real_text_corpus(tokenizer) -> list[int]:
+    """Token ids of the system prompt, then every MT-Bench question."""
+    text = (
+        default_system_prompt()
+        + "\n\n"
+        + "\n\n".join(
+            turn.user for conversation in load_conversations("mtbench") for turn in conversation.turns
+        )
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def real_text_ids(tokenizer, count: int, skip: int = 0) -> list[int]:
+    """``count`` token ids of real text (the system prompt, then MT-Bench questions), from offset ``skip``."""
+    ids = real_text_corpus(tokenizer)
+    if len(ids) < skip + count:
+        raise ValueError(f"only {len(ids)} tokens of text available, asked for {skip + count}")
+    return ids[skip : skip + count]
+
+
+def prompts_for(tokenizer, prefix_tokens: int, new_tokens: int, count: int) -> list[torch.Tensor]:
+    """``count`` one-row prompts: the same ``prefix_tokens`` of real text, each followed by its own
+    ``new_tokens`` (so every prompt shares exactly the prefix)."""
+    prefix = real_text_ids(tokenizer, prefix_tokens)
+    return [
+        torch.tensor([prefix + real_text_ids(tokenizer, new_tokens, skip=prefix_tokens + i * new_tokens)])
+        for i in range(count)
+    ]
+
+
+def timed(call) -> float:
+    """Seconds one ``call()`` took."""
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
 
 
 def add_prompt_options(parser: argparse.ArgumentParser, repeats: int, repeats_help: str) -> None:
