@@ -25,12 +25,10 @@ from transformers.cache_utils import Cache
 from transformers.generation.utils import GenerationMixin
 
 from . import adapters, fingerprint
-from .adapters import adapter_namespace
 from .call_state import CallState, place_prefix, reserve_room
 from .decode_masks import long_enough, wants_decode_masks
 from .explain import HitReport, matched_length
-from .fingerprint import WeightsWatch, attention_namespace, model_fingerprint
-from .hashing import hash_blocks, root_hash
+from .identity import Identity, root_ref
 from .layers import PrefixFullLayer, PrefixSlidingLayer
 from .layout import (
     LayerLayout,
@@ -218,9 +216,8 @@ class PrefixCache(DynamicCache):
             layers = DynamicCache(config=model.config.get_text_config(decoder=True)).layers
             self._warn(REUSE_OFF.format(self.fallback))
         Cache.__init__(self, layers=layers)
-        self._watch = WeightsWatch(model)
-        self._dtypes_and_devices = self._watch.dtypes_and_devices()
-        self._fingerprint = ""  # computed on the first call, not here: construction stays fast
+        self._identity = Identity(model, self.cache_salt, self.extra_keys)
+        self._dtypes_and_devices = self._identity.watch.dtypes_and_devices()
         self._call: CallState | None = None
         self.last_call = CallStats()
         self.reset_stats()
@@ -268,14 +265,7 @@ class PrefixCache(DynamicCache):
     def namespace(self) -> str:
         """Model fingerprint (a digest of every weight), attention implementation, salt and active PEFT
         adapters; the fingerprint is recomputed when the weights were replaced, cast, moved or written."""
-        self._watch.changed()
-        weights = model_fingerprint(self.model, self._watch.state)  # kept per model: a lookup when unchanged
-        if weights != self._fingerprint:
-            if self._fingerprint:
-                logger.info("model weights changed: earlier blocks will no longer match")
-            self._fingerprint = weights
-        attention = attention_namespace(self.model)
-        return f"{self._fingerprint}/{attention}/{self.cache_salt or ''}{adapter_namespace(self.model)}"
+        return self._identity.namespace
 
     def _off_default(self, device_types: set[str]) -> str | None:
         """Why K/V computed now on ``device_types`` would differ from those the model computes by default
@@ -296,13 +286,13 @@ class PrefixCache(DynamicCache):
 
     def stale_reason(self) -> str | None:
         """Why stored K/V cannot be used with the model as it is now (its dtype or device changed)."""
-        if self.store is not None and self._watch.dtypes_and_devices() != self._dtypes_and_devices:
+        if self.store is not None and self._identity.watch.dtypes_and_devices() != self._dtypes_and_devices:
             return "the model's dtype or device changed after this PrefixCache was made; create a new one"
         return None
 
     def block_hashes(self, tokens: Sequence[int]) -> list[bytes]:
         """Chained hashes of the full blocks of ``tokens`` in this cache's namespace."""
-        return hash_blocks(root_hash(self.namespace), tokens, self.block_size, self.extra_keys)
+        return self._identity.block_hashes(self.namespace, tokens, self.block_size)
 
     # -- one call ----------------------------------------------------------------------------------
     def prepare(
@@ -335,7 +325,7 @@ class PrefixCache(DynamicCache):
             reserve_room(self.layers, ids.shape[1], max_new_tokens)
             sources: list[list[str]] = [[] for _ in rows]  # the tier of each hit block, per row
             for row, row_sources in zip(rows, sources):
-                row.hashes = hash_blocks(call.root, row.tokens, size, self.extra_keys)
+                row.hashes = self._identity.block_hashes(call.namespace, row.tokens, size)
                 # the last prompt token is always computed; off the default nothing stored fits the call
                 usable = 0 if call.off_default else (len(row.tokens) - 1) // size
                 row.hits = self.store.match(
@@ -589,10 +579,10 @@ class PrefixCache(DynamicCache):
         if self.store is None or not tokens:
             return HitReport(tokens, 0, 0, self.block_size, pieces)
         size, namespace = self.block_size, self.namespace
-        hashes = hash_blocks(root_hash(namespace), tokens, size, self.extra_keys)
+        hashes = self._identity.block_hashes(namespace, tokens, size)
         blocks = self.store.match(namespace, tokens, hashes, len(hashes), self.extra_keys)
         try:
-            parent_ref = blocks[-1].ref if blocks else ("root", namespace)
+            parent_ref = blocks[-1].ref if blocks else root_ref(namespace)
             with self.store.lock:
                 children = [b.key[1] for b in self.store.pool.table.values() if b.key[0] == parent_ref]
         finally:

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .hashing import root_hash
+from .identity import root_of
 from .kv_pool import MAX_DIRECT_RUNS
 from .layout import LayerLayout
 from .prompt_rows import PromptRow
@@ -19,7 +19,7 @@ class CallState:
 
     def __init__(self, namespace: str, rows: list[PromptRow], width: int, expand: int):
         self.namespace = namespace
-        self.root = root_hash(namespace)
+        self.root = root_of(namespace)
         self.rows = rows
         self.loaded = 0  # slots placed from the store: the common cut min(pad + hit) over rows
         self.width = width  # padded prompt length

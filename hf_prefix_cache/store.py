@@ -15,6 +15,7 @@ import torch
 
 from .block_pool import Block, BlockPool
 from .hashing import BlockHash
+from .identity import root_ref
 from .kv_pool import KVPool
 from .layout import LayerLayout, probe_layout
 from .memory import check_fits, parse_bytes
@@ -152,7 +153,7 @@ class BlockStore:
     def chain_key(
         self, parent: Block | None, namespace: str, tokens: Sequence[int], extra_keys: tuple[Hashable, ...]
     ):
-        parent_ref = parent.ref if parent is not None else ("root", namespace)
+        parent_ref = parent.ref if parent is not None else root_ref(namespace)
         return (parent_ref, tuple(tokens), extra_keys)
 
     def match(

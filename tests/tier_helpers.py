@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from hf_prefix_cache import BlockStore, hashing
+from hf_prefix_cache.identity import tier_digest
 from hf_prefix_cache.layout import LayerLayout
 from hf_prefix_cache.tiers import BlockData, BlockRequest, DiskTier, HostTier
-from hf_prefix_cache.tiers.namespace import tier_namespace
+from hf_prefix_cache.tiers.entry import FORMAT_VERSION as _FORMAT_VERSION
 
 LAYOUT = [LayerLayout(2, 4, torch.float32, torch.device("cpu")) for _ in range(2)]
 BLOCK = 4
@@ -59,7 +60,7 @@ def match(store: BlockStore, tokens: list[int], namespace: str = NAMESPACE, keep
 
 
 def tier_ns(namespace: str = NAMESPACE) -> bytes:
-    return tier_namespace(namespace, BLOCK, LAYOUT)
+    return tier_digest(namespace, BLOCK, LAYOUT, format_version=_FORMAT_VERSION)
 
 
 def synthetic_chain(tokens: list[int], value: float = 1.0, namespace: str = NAMESPACE):
