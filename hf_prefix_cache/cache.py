@@ -39,9 +39,9 @@ from .layout import (
     probe_layout,
     remember_layout,
 )
-from .prompt_rows import PromptRow, as_batch, split_rows
+from .prompt_rows import as_batch, split_rows
 from .recording import as_sequences, prompt_mismatch, record_call, replies_of
-from .stats import CacheStats, CallStats
+from .stats import CacheStats, CallStats, Counters
 from .store import BlockStore
 from .support import unsupported_reason
 from .tiers.setup import make_tiers, remote_tier_options
@@ -219,8 +219,7 @@ class PrefixCache(DynamicCache):
         self._identity = Identity(model, self.cache_salt, self.extra_keys)
         self._dtypes_and_devices = self._identity.watch.dtypes_and_devices()
         self._call: CallState | None = None
-        self.last_call = CallStats()
-        self.reset_stats()
+        self._counters = Counters(self.store)
         if install:
             from .hook import install as install_hook
 
@@ -314,7 +313,7 @@ class PrefixCache(DynamicCache):
             mask = as_batch(attention_mask) if attention_mask is not None else None
             rows = split_rows(ids, mask)
             if self.store is None:
-                self._count(rows, loaded=0)
+                self._counters.record(rows, 0, self.block_size)
                 return self
             size = self.block_size
             call = self._call = CallState(self.namespace, rows, ids.shape[1], num_expand)
@@ -337,7 +336,7 @@ class PrefixCache(DynamicCache):
         except BaseException:
             self._release_if_mine()
             raise
-        self._count(rows, call.loaded, sources)
+        self._counters.record(rows, call.loaded, size, sources)
         self.last_call.lookup_s = time.perf_counter() - started
         return self
 
@@ -451,8 +450,7 @@ class PrefixCache(DynamicCache):
         self._warn(REUSE_OFF.format(reason))
 
     def _refuse(self, problem: str) -> None:
-        self._refused += 1
-        self.last_call.refused = problem
+        self._counters.record_refusal(problem)
         logger.info("PrefixCache stored nothing from a call: %s", problem)
         self._warn(
             "PrefixCache: stored nothing from a call whose K/V it cannot vouch for ("
@@ -592,66 +590,22 @@ class PrefixCache(DynamicCache):
         return HitReport(tokens, hit, matched, size, pieces)
 
     # -- stats -------------------------------------------------------------------------------------
+    @property
+    def last_call(self) -> CallStats:
+        """Tokens and timings of the last call (also returned by ``commit``)."""
+        return self._counters.last_call
+
     def _count_fallback(self, input_ids) -> None:
         """A call recomputed without the cache: it reused nothing (the counters say so)."""
-        prompt = int(input_ids.numel()) if isinstance(input_ids, torch.Tensor) else 0
-        self.last_call = CallStats(prompt_tokens=prompt, computed_tokens=prompt)
-
-    def _count(self, rows: list[PromptRow], loaded: int, sources: list[list[str]] | None = None) -> None:
-        prompt = sum(len(row.tokens) for row in rows)
-        hit = sum(max(0, loaded - row.pad) for row in rows)
-        self.last_call = CallStats(prompt_tokens=prompt, hit_tokens=hit, computed_tokens=prompt - hit)
-        size = self.block_size
-        for row, row_sources in zip(rows, sources or []):
-            used = max(0, loaded - row.pad)  # tokens of this row actually placed, block by block
-            for index, tier in enumerate(row_sources):
-                tokens = min(size, used - index * size)
-                if tokens <= 0:
-                    break
-                self.last_call.hit_tokens_by_tier[tier] = (
-                    self.last_call.hit_tokens_by_tier.get(tier, 0) + tokens
-                )
-                self._hit_tokens_by_tier[tier] = self._hit_tokens_by_tier.get(tier, 0) + tokens
-        self._calls += 1
-        self._prompt_tokens += prompt
-        self._hit_tokens += hit
+        self._counters.record_fallback(int(input_ids.numel()) if isinstance(input_ids, torch.Tensor) else 0)
 
     def reset_stats(self) -> None:
         """Zero the counters (the store's gauges are unaffected)."""
-        self._calls = self._prompt_tokens = self._hit_tokens = self._refused = 0
-        self._hit_tokens_by_tier: dict[str, int] = {}
-        self._evictions_at_reset = self.store.pool.evictions if self.store else 0
+        self._counters.reset(self.store)
 
     @property
     def stats(self) -> CacheStats:
-        pool = self.store.pool if self.store else None
-        tiers = self.store.tiers if self.store else None
-        return CacheStats(
-            calls=self._calls,
-            prompt_tokens=self._prompt_tokens,
-            hit_tokens=self._hit_tokens,
-            computed_tokens=self._prompt_tokens - self._hit_tokens,
-            hit_rate=self._hit_tokens / self._prompt_tokens if self._prompt_tokens else 0.0,
-            stored_blocks=pool.num_cached if pool else 0,
-            free_blocks=pool.num_blocks - pool.num_cached if pool else 0,
-            num_blocks=pool.num_blocks if pool else 0,
-            block_size=self.block_size,
-            evictions=pool.evictions - self._evictions_at_reset if pool else 0,
-            used_bytes=self.store.used_bytes if self.store else 0,
-            committed_bytes=self.store.committed_bytes if self.store else 0,
-            capacity_bytes=self.store.capacity_bytes if self.store else 0,
-            fallback=self.fallback,
-            refused_calls=self._refused,
-            hit_tokens_by_tier=self._tier_hits(),
-            tier_errors=tiers.errors if tiers else 0,
-            tiers=tiers.counters() if tiers else {},
-        )
-
-    def _tier_hits(self) -> dict[str, int]:
-        names = ["device"] + (
-            [t.name for t in self.store.tiers.tiers] if self.store and self.store.tiers else []
-        )
-        return {name: self._hit_tokens_by_tier.get(name, 0) for name in names}
+        return self._counters.snapshot(self.store, self.block_size, self.fallback)
 
     def clear(self) -> int:
         """Drop every stored block of the store (shared views included), e.g. after a weight update.
