@@ -2,7 +2,7 @@
 
 from .cache import PrefixCache, PrefixCacheFallbackWarning
 from .explain import HitReport
-from .hook import install, is_installed, uninstall
+from .generation import install, is_installed, uninstall
 from .memory import parse_bytes
 from .stats import CacheStats, CallStats
 from .store import BlockStore

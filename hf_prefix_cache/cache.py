@@ -9,11 +9,8 @@ layers, so nothing of one call leaks into the next.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
-import sys
-import threading
 import time
 import warnings
 from collections.abc import Hashable, Sequence
@@ -22,12 +19,21 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
-from transformers.generation.utils import GenerationMixin
 
 from . import adapters, fingerprint
-from .call_state import CallState, place_prefix, reserve_room
+from .call import (
+    CallState,
+    Ownership,
+    calling_module,
+    captured_slots,
+    check_module,
+    inside_generate,
+    unprepared,
+)
 from .decode_masks import long_enough, wants_decode_masks
 from .explain import HitReport, matched_length
+from .generation import Served
+from .generation import install as install_generate
 from .identity import Identity, root_ref
 from .layers import PrefixFullLayer, PrefixSlidingLayer
 from .layout import (
@@ -39,11 +45,12 @@ from .layout import (
     probe_layout,
     remember_layout,
 )
+from .placement import place_prefix, reserve_room
 from .prompt_rows import as_batch, split_rows
+from .reasons import REUSE_OFF, STALE, UNDER_AUTOCAST, off_default, unstorable, unsupported_reason
 from .recording import as_sequences, prompt_mismatch, record_call, replies_of
 from .stats import CacheStats, CallStats, Counters
 from .store import BlockStore
-from .support import unsupported_reason
 from .tiers.setup import make_tiers, remote_tier_options
 from .validation import extra_keys_tuple, positive_int, shared_store
 
@@ -54,66 +61,7 @@ class PrefixCacheFallbackWarning(UserWarning):
     """The cache is recomputing everything instead of reusing a prefix, and says why."""
 
 
-BUSY = (
-    "this PrefixCache is serving another call (on another thread, or the generate() this call was made "
-    "from); one PrefixCache serves one call at a time: give each thread or nested call its own view, "
-    "PrefixCache(model, store=cache.store) (views share every stored block)"
-)
-UNPREPARED = (
-    "generate() got a PrefixCache that did not look its prompt up: the generate() wrapper was removed "
-    "(hf_prefix_cache.uninstall) or never installed (install=False), and K/V of an earlier call would carry "
-    "into this one; call hf_prefix_cache.install(model) again, or cache.prepare(input_ids, attention_mask) "
-    "before generate() and cache.commit(out.sequences) after it"
-)
-MERGED = (
-    "generate() of a {running} got a PrefixCache made for the PEFT model {mine} that wrapped it: after "
-    "merge_and_unload() or unload() the merged model is a model of its own (other weights, other K/V, no "
-    "generate() wrapper). Make a cache for it that shares the stored blocks: PrefixCache(merged, "
-    "store=cache.store)"
-)
-REUSE_OFF = "prefix reuse is off for this model: {}; it will be recomputed every call"
-UNDER_AUTOCAST = "it ran under torch.autocast, whose K/V differ from what the model computes without it"
-_GENERATE_CODE = inspect.unwrap(GenerationMixin.generate).__code__  # its decorators share their code
-
-
-def _calling_module() -> torch.nn.Module | None:
-    """The module whose forward called ``Cache.update`` (the attention layer), found on the stack."""
-    frame = sys._getframe(2)
-    for _ in range(8):
-        if frame is None:
-            return None
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, torch.nn.Module):
-            return owner
-        frame = frame.f_back
-    return None
-
-
-def _unprepared(model: torch.nn.Module) -> str:
-    """Why generate() got an unprepared cache: MERGED when it runs on another model than the PEFT model the
-    cache was made for (its merged or unloaded base), else UNPREPARED."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is _GENERATE_CODE:
-            running = frame.f_locals.get("self")
-            if running is not None and running is not model and hasattr(model, "peft_config"):
-                return MERGED.format(running=type(running).__name__, mine=type(model).__name__)
-            break
-        frame = frame.f_back
-    return UNPREPARED
-
-
-def _inside_generate() -> bool:
-    """Whether transformers' ``generate()`` is on this thread's stack (checked only for unprepared use)."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is _GENERATE_CODE:
-            return True
-        frame = frame.f_back
-    return False
-
-
-class PrefixCache(DynamicCache):
+class PrefixCache(DynamicCache, Served):
     """A ``DynamicCache`` backed by a hashed, paged block store shared across ``generate()`` calls.
 
     Args:
@@ -165,9 +113,7 @@ class PrefixCache(DynamicCache):
     ):
         self.model = model
         self._warned: set[str] = set()  # fallback messages already shown: each is shown once
-        self._owner: int | None = None  # thread serving the call in flight (between prepare and release)
-        self._owner_lock = threading.Lock()
-        self._generating = False  # the generate() wrapper runs this call: nested wrapped generates pass
+        self._ownership = Ownership()  # the thread serving the call in flight (between prepare and release)
         self._verified_call: CallState | None = None  # the call whose K/V were seen coming from self.model
         self.cache_salt = cache_salt
         self.extra_keys = extra_keys_tuple(extra_keys)
@@ -221,9 +167,7 @@ class PrefixCache(DynamicCache):
         self._call: CallState | None = None
         self._counters = Counters(self.store)
         if install:
-            from .hook import install as install_hook
-
-            install_hook(model)
+            install_generate(model)
 
     @staticmethod
     def _layouts(model: torch.nn.Module, probe: bool) -> tuple[list[LayerLayout], bool]:
@@ -266,16 +210,6 @@ class PrefixCache(DynamicCache):
         adapters; the fingerprint is recomputed when the weights were replaced, cast, moved or written."""
         return self._identity.namespace
 
-    def _off_default(self, device_types: set[str]) -> str | None:
-        """Why K/V computed now on ``device_types`` would differ from those the model computes by default
-        (and the store holds): under autocast values come out in bf16; in training mode dropout changes
-        hidden states."""
-        if any(torch.is_autocast_enabled(device) for device in device_types):
-            return UNDER_AUTOCAST
-        if self.model.training:  # model.train(); a single fresh submodule in training mode is no sign
-            return "the model is in training mode, where dropout changes the K/V; call model.eval()"
-        return None
-
     @property
     def is_compileable(self) -> bool:
         """True only during a call whose decode steps should get a mask (``decode_masks.py``): transformers
@@ -286,7 +220,7 @@ class PrefixCache(DynamicCache):
     def stale_reason(self) -> str | None:
         """Why stored K/V cannot be used with the model as it is now (its dtype or device changed)."""
         if self.store is not None and self._identity.watch.dtypes_and_devices() != self._dtypes_and_devices:
-            return "the model's dtype or device changed after this PrefixCache was made; create a new one"
+            return STALE
         return None
 
     def block_hashes(self, tokens: Sequence[int]) -> list[bytes]:
@@ -305,7 +239,7 @@ class PrefixCache(DynamicCache):
         """
         started = time.perf_counter()
         try:
-            self._claim()
+            self._ownership.claim()
             self._drop_call()
             if (reason := self.stale_reason()) is not None:
                 raise RuntimeError(reason)
@@ -319,7 +253,7 @@ class PrefixCache(DynamicCache):
             call = self._call = CallState(self.namespace, rows, ids.shape[1], num_expand)
             call.prompt_ids = ids.tolist()
             device_types = {layout.device.type for layout in self.store.layouts}
-            call.off_default = self._off_default(device_types)
+            call.off_default = off_default(self.model, device_types)
             call.decode_masks = wants_decode_masks(self.model, device_types)
             reserve_room(self.layers, ids.shape[1], max_new_tokens)
             sources: list[list[str]] = [[] for _ in rows]  # the tier of each hit block, per row
@@ -334,7 +268,7 @@ class PrefixCache(DynamicCache):
             if call.loaded > 0:
                 place_prefix(self.layers, self.store, call)
         except BaseException:
-            self._release_if_mine()
+            self.release_if_mine()
             raise
         self._counters.record(rows, call.loaded, size, sources)
         self.last_call.lookup_s = time.perf_counter() - started
@@ -349,7 +283,7 @@ class PrefixCache(DynamicCache):
         ``sequences`` that do not start with the prepared prompt, row for row, belong to another call:
         nothing is stored (counted in ``stats.refused_calls``).
         """
-        self._check_owner()
+        self._ownership.check()
         call, stats = self._call, self.last_call
         started = time.perf_counter()
         try:
@@ -359,8 +293,11 @@ class PrefixCache(DynamicCache):
                     problem = prompt_mismatch(call, sequences)
                 if problem is None:
                     replies = replies_of(call, sequences, *self._stop_and_pad(eos_token_id, pad_token_id))
-                    slots = self._captured_slots(call)
-                    problem = self._unstorable(call, slots, sequences if replies else None)
+                    slots = captured_slots(self.layers, call)
+                    verified = self._verified_call is call
+                    problem = unstorable(
+                        call, slots, sequences if replies else None, verified, self.namespace
+                    )
                 if problem is None and isinstance(slots, int) and slots > call.loaded:
                     problem = self._layout_problem()
                 if problem is not None:
@@ -376,44 +313,6 @@ class PrefixCache(DynamicCache):
         return stats
 
     # -- what the store accepts --------------------------------------------------------------------
-    def _captured_slots(self, call: CallState) -> int | str:
-        """Slots every layer holds for this call, or why they do not agree."""
-        rows = len(call.rows) * call.expand
-        counts = set()
-        for layer in self.layers:
-            keys, _, first = layer.captured()
-            if keys is None:
-                counts.add(first)
-                continue
-            if keys.shape[0] != rows:
-                return f"the layers hold {keys.shape[0]} rows, the call prepared {rows}"
-            counts.add(first + keys.shape[-2])
-        if len(counts) != 1:
-            return f"the layers hold different numbers of slots {sorted(counts)}"
-        return counts.pop()
-
-    def _unstorable(self, call: CallState, slots: int | str, sequences) -> str | None:
-        """Why the captured K/V must not be stored: a block is stored only from a call this cache prepared,
-        in the namespace it looked up in, with exactly the slots that the prompt and the reply imply."""
-        if isinstance(slots, str):
-            return slots
-        if slots == call.loaded:
-            return None  # nothing was computed: nothing to store, nothing wrong
-        if self._verified_call is not call:
-            return "no K/V of this call were seen coming from the model this cache was made for"
-        if call.off_default:
-            return call.off_default
-        if sequences is not None and slots != sequences.shape[1] - 1:
-            return (
-                f"the layers hold {slots} slots but prompt and reply imply {sequences.shape[1] - 1} (a call with "
-                "use_cache=False, another model, or K/V from outside this call)"
-            )
-        if slots < call.width:
-            return f"the layers hold {slots} slots, fewer than the {call.width} of the prompt"
-        if self.namespace != call.namespace:
-            return "the model's weights or active adapters changed during the call"
-        return None
-
     def _layout_problem(self) -> str | None:
         """Why this call's K/V do not fit the store's layout; the first call confirms a predicted one.
 
@@ -460,12 +359,11 @@ class PrefixCache(DynamicCache):
 
     def release(self) -> None:
         """Drop this call's block references and K/V; the store keeps what was committed."""
-        self._check_owner()
+        self._ownership.check()
         try:
             self._drop_call()
         finally:
-            self._generating = False
-            self._owner = None
+            self._ownership.end()
 
     def _drop_call(self) -> None:
         call, self._call = self._call, None
@@ -476,44 +374,31 @@ class PrefixCache(DynamicCache):
         for layer in self.layers:
             layer.reset()
 
-    # -- one call at a time ------------------------------------------------------------------------
-    def _claim(self) -> None:
-        """Mark this thread as serving the call; a second thread gets an error naming the fix."""
-        me = threading.get_ident()
-        with self._owner_lock:
-            # on this thread too while the wrapper's generate() runs: a call from inside it (a logits
-            # processor) would drop the layers of the call in flight
-            if self._owner is not None and (self._owner != me or self._generating):
-                raise RuntimeError(BUSY)
-            self._owner = me
+    # -- the generate() wrapper (generation.py) ---------------------------------------------------
+    def generating_here(self) -> bool:
+        return self._ownership.generating_here()
 
-    def _check_owner(self) -> None:
-        owner = self._owner
-        if owner is not None and owner != threading.get_ident():
-            raise RuntimeError(BUSY)
+    def recompute_call(self, reason: str, input_ids) -> None:
+        self._warn(f"PrefixCache: {reason}; this call recomputes the whole prompt without the cache")
+        self._count_fallback(input_ids)
 
-    def _check_module(self, module: torch.nn.Module | None) -> None:
-        """K/V are accepted only from the model this cache fingerprinted (checked once per call)."""
-        if module is None or any(m is module for m in self.model.modules()):
-            return
-        raise ValueError(
-            f"this PrefixCache was made for another model ({type(self.model).__name__} at {id(self.model):#x}); "
-            f"a {type(module).__name__} outside it computed K/V into it. Make a cache per model: "
-            "PrefixCache(model) (or PrefixCache(model, store=...) for another view of the same model)"
-        )
+    def start_generate(self, decode_masks: bool) -> None:
+        if not decode_masks and self._call is not None:
+            self._call.decode_masks = False
+        self._ownership.generating = True
 
-    def _release_if_mine(self) -> None:
-        if self._owner == threading.get_ident():
+    def release_if_mine(self) -> None:
+        if self._ownership.mine():
             self.release()
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if layer_idx == 0:
-            self._check_owner()
+            self._ownership.check()
             call = self._call
-            if call is None and self.store is not None and _inside_generate():
-                raise RuntimeError(_unprepared(self.model))
+            if call is None and self.store is not None and inside_generate():
+                raise RuntimeError(unprepared(self.model))
             if call is not None and self._verified_call is not call:
-                self._check_module(_calling_module())
+                check_module(self.model, calling_module())
                 self._verified_call = call
             if (
                 call is not None
@@ -615,8 +500,8 @@ class PrefixCache(DynamicCache):
         weights, salt, extra keys). Disk entries of other namespaces stay: other models or processes may
         be using them; they age out under ``disk_size``. Returns the number of device blocks dropped.
         """
-        self._release_if_mine()
-        if self._owner is None:  # another thread's call in flight keeps using this view's buffers
+        self.release_if_mine()
+        if self._ownership.owner is None:  # another thread's call in flight keeps using this view's buffers
             for layer in self.layers:
                 if hasattr(layer, "release_buffers"):
                     layer.release_buffers()

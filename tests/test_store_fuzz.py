@@ -26,7 +26,7 @@ from transformers import DynamicCache
 from hf_prefix_cache import PrefixCache, hashing
 from hf_prefix_cache.block_pool import BlockPool
 from hf_prefix_cache.compat import CACHE_KWARG
-from hf_prefix_cache.hook import _MARK
+from hf_prefix_cache.generation import _MARK
 from hf_prefix_cache.kv_pool import KVPool
 from hf_prefix_cache.store import BlockStore
 
@@ -228,7 +228,9 @@ def test_interleaved_calls_keep_the_store_sound(operations, num_blocks):
 def run_on_threads(views, prepared, decoded, calls, wrapped_generate) -> None:
     """Two wrapped generate() calls at once: a view busy on another thread refuses with the fix."""
     errors: list[BaseException] = []
-    busy = {view for view, _ in calls if views[view]._owner is not None}  # prepared on the main thread
+    busy = {
+        view for view, _ in calls if views[view]._ownership.owner is not None
+    }  # prepared on the main thread
 
     def work(view: int, index: int) -> None:
         try:

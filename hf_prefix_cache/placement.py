@@ -1,5 +1,4 @@
-"""One call between ``prepare`` and ``release``: its prompt rows, the references it holds, and the
-placement of the stored prefix into the cache layers (the ordinary left-padded layout)."""
+"""Stored prefix -> layers: the first ``call.loaded`` slots of every row, read from the block store."""
 
 from __future__ import annotations
 
@@ -7,32 +6,10 @@ import math
 
 import torch
 
-from .identity import root_of
+from .call import CallState
 from .kv_pool import MAX_DIRECT_RUNS
 from .layout import LayerLayout
-from .prompt_rows import PromptRow
 from .store import BlockStore
-
-
-class CallState:
-    """What one prepared call holds until it is released."""
-
-    def __init__(self, namespace: str, rows: list[PromptRow], width: int, expand: int):
-        self.namespace = namespace
-        self.root = root_of(namespace)
-        self.rows = rows
-        self.loaded = 0  # slots placed from the store: the common cut min(pad + hit) over rows
-        self.width = width  # padded prompt length
-        self.prompt_ids: list[list[int]] = []  # the prepared input_ids, pads included (commit checks them)
-        self.expand = expand  # cache rows per prompt (num_beams / num_return_sequences)
-        self.rows_reordered = False  # beam search moved rows: only prompt slots are still per-prompt
-        self.rows_changed = False  # rows added or dropped: nothing can be attributed any more
-        # why this call computes other K/V than the model does by default (torch.autocast, dropout in
-        # training mode): such a call neither reuses nor stores blocks
-        self.off_default: str | None = None
-        # decode steps get an explicit mask so that SDPA packs grouped query heads (see decode_masks.py)
-        self.decode_masks = False
-
 
 # Slots reserved up front for new tokens beyond the prompt; longer replies grow the buffers by doubling.
 MAX_RESERVED_NEW_TOKENS = 4096
