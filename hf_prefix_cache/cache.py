@@ -35,7 +35,7 @@ from .explain import HitReport, matched_length
 from .generation import Served
 from .generation import install as install_generate
 from .identity import Identity, root_ref
-from .layers import PrefixFullLayer, PrefixSlidingLayer
+from .layers import PrefixFullLayer, PrefixLayer, PrefixSlidingLayer
 from .layout import (
     LayerLayout,
     UnsupportedLayout,
@@ -503,7 +503,7 @@ class PrefixCache(DynamicCache, Served):
         self.release_if_mine()
         if self._ownership.owner is None:  # another thread's call in flight keeps using this view's buffers
             for layer in self.layers:
-                if hasattr(layer, "release_buffers"):
+                if isinstance(layer, PrefixLayer):  # not the plain layers of a model that falls back
                     layer.release_buffers()
         if self.store is None:
             return 0

@@ -1,4 +1,4 @@
-"""Stored prefix -> layers: the first ``call.loaded`` slots of every row, read from the block store."""
+"""Stored prefix -> layers: the first ``call.loaded`` slots of every row, placed by each layer class."""
 
 from __future__ import annotations
 
@@ -16,22 +16,61 @@ MAX_RESERVED_NEW_TOKENS = 4096
 
 
 def reserve_room(layers: list, width: int, max_new_tokens: int | None) -> None:
-    """Tell full-attention layers how many slots this call will need, so they never regrow mid-call."""
+    """Tell the layers how many slots this call will need, so that full-attention buffers never regrow
+    mid-call."""
     slots = width + min(max_new_tokens, MAX_RESERVED_NEW_TOKENS) if max_new_tokens else 0
     for layer in layers:
-        if hasattr(layer, "reserve"):
-            layer.reserve = slots
+        layer.reserve_slots(slots)
 
 
 def place_prefix(layers: list, store: BlockStore, call: CallState) -> None:
-    """Put the first ``call.loaded`` slots of every row into ``layers`` from the store."""
-    size, loaded = store.block_size, call.loaded
-    runs = [consecutive_runs(row.hits[: math.ceil(max(0, loaded - row.pad) / size)]) for row in call.rows]
+    """Put the first ``call.loaded`` slots of every row into ``layers`` from the store: each layer class
+    places them its own way (``place``) from a ``StoredPrefix``."""
+    prefix = StoredPrefix(store, call)
     for index, layer in enumerate(layers):
-        if hasattr(layer, "prefix_slots"):  # full attention: straight into the layer's buffers
-            _copy_into_layer(layer, index, store, call, runs)
-            continue
-        first = max(0, loaded - (layer.sliding_window - 1))  # a sliding window needs only its last slots
+        layer.place(prefix, index)
+
+
+class StoredPrefix:
+    """The stored prefix of one call, read layer by layer: copied straight into a layer's buffers
+    (``copy_into``), or only its last slots, left-padded into new tensors (``read_from``)."""
+
+    def __init__(self, store: BlockStore, call: CallState):
+        self.store, self.call = store, call
+        self.loaded = call.loaded
+        self.rows = len(call.rows) * call.expand  # cache rows: each prompt row repeated ``expand`` times
+        size = store.block_size
+        self._runs = [
+            consecutive_runs(row.hits[: math.ceil(max(0, self.loaded - row.pad) / size)]) for row in call.rows
+        ]
+
+    def layout(self, index: int) -> LayerLayout:
+        return self.store.layouts[index]
+
+    def copy_into(self, index: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Copy each row's stored prefix of layer ``index`` into ``[rows, heads, loaded, dim]`` views of a
+        layer's buffers: the only copy of the prefix."""
+        store, call, loaded = self.store, self.call, self.loaded
+        for number, row in enumerate(call.rows):
+            target = number * call.expand
+            pad = min(row.pad, loaded)
+            if pad:  # padding slots: zeros, hidden by the attention mask as pad tokens are without a cache
+                keys[target, :, :pad].zero_()
+                values[target, :, :pad].zero_()
+            slot = pad
+            for run in self._runs[number]:
+                stored_keys, stored_values = store.read(index, run)
+                n = min(stored_keys.shape[1], loaded - slot)
+                keys[target, :, slot : slot + n].copy_(stored_keys[:, :n])
+                values[target, :, slot : slot + n].copy_(stored_values[:, :n])
+                slot += n
+            if call.expand > 1:  # beams / return sequences start from copies of their prompt's row
+                keys[target + 1 : target + call.expand].copy_(keys[target])
+                values[target + 1 : target + call.expand].copy_(values[target])
+
+    def read_from(self, index: int, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots ``first:loaded`` of layer ``index`` as ``[rows, heads, loaded - first, dim]``, right-aligned."""
+        store, call, loaded, size = self.store, self.call, self.loaded, self.store.block_size
         batch = []
         for row in call.rows:
             start, end = max(first - row.pad, 0), loaded - row.pad  # token range of this row
@@ -45,7 +84,7 @@ def place_prefix(layers: list, store: BlockStore, call: CallState) -> None:
         keys, values = _left_pad(batch, loaded - first, store.layouts[index])
         if call.expand > 1:
             keys, values = keys.repeat_interleave(call.expand, 0), values.repeat_interleave(call.expand, 0)
-        layer.load_prefix(keys, values, total_length=loaded)
+        return keys, values
 
 
 def consecutive_runs(blocks: list, most: int = MAX_DIRECT_RUNS) -> list[list]:
@@ -58,30 +97,6 @@ def consecutive_runs(blocks: list, most: int = MAX_DIRECT_RUNS) -> list[list]:
         else:
             runs.append([block])
     return runs if len(runs) <= most else [list(blocks)]
-
-
-def _copy_into_layer(layer, index: int, store: BlockStore, call: CallState, runs: list[list[list]]) -> None:
-    """Copy each row's stored prefix straight into the layer's buffers: the only copy of the prefix."""
-    layout, loaded = store.layouts[index], call.loaded
-    keys, values = layer.prefix_slots(
-        len(call.rows) * call.expand, loaded, layout.num_heads, layout.head_dim, layout.dtype, layout.device
-    )
-    for number, row in enumerate(call.rows):
-        target = number * call.expand
-        pad = min(row.pad, loaded)
-        if pad:  # padding slots: zeros, hidden by the attention mask as pad tokens are without a cache
-            keys[target, :, :pad].zero_()
-            values[target, :, :pad].zero_()
-        slot = pad
-        for run in runs[number]:
-            stored_keys, stored_values = store.read(index, run)
-            n = min(stored_keys.shape[1], loaded - slot)
-            keys[target, :, slot : slot + n].copy_(stored_keys[:, :n])
-            values[target, :, slot : slot + n].copy_(stored_values[:, :n])
-            slot += n
-        if call.expand > 1:  # beams / return sequences start from copies of their prompt's row
-            keys[target + 1 : target + call.expand].copy_(keys[target])
-            values[target + 1 : target + call.expand].copy_(values[target])
 
 
 def _left_pad(batch: list[tuple[torch.Tensor, torch.Tensor] | None], length: int, layout: LayerLayout):
