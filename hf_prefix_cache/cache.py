@@ -30,18 +30,16 @@ from .call import (
     inside_generate,
     unprepared,
 )
+from .construction import StoreConfig, TierConfig, build_store, model_layouts, prefix_layers
 from .decode_masks import long_enough, wants_decode_masks
 from .explain import HitReport, matched_length
 from .generation import Served
 from .generation import install as install_generate
 from .identity import Identity, root_ref
-from .layers import PrefixFullLayer, PrefixLayer, PrefixSlidingLayer
+from .layers import PrefixLayer
 from .layout import (
-    LayerLayout,
     UnsupportedLayout,
     describe_layers,
-    known_layout,
-    predict_layout,
     probe_layout,
     remember_layout,
 )
@@ -51,8 +49,7 @@ from .reasons import REUSE_OFF, STALE, UNDER_AUTOCAST, off_default, unstorable, 
 from .recording import as_sequences, prompt_mismatch, record_call, replies_of
 from .stats import CacheStats, CallStats, Counters
 from .store import BlockStore
-from .tiers.setup import make_tiers, remote_tier_options
-from .validation import extra_keys_tuple, positive_int, shared_store
+from .validation import extra_keys_tuple
 
 logger = logging.getLogger(__name__)
 
@@ -117,47 +114,29 @@ class PrefixCache(DynamicCache, Served):
         self._verified_call: CallState | None = None  # the call whose K/V were seen coming from self.model
         self.cache_salt = cache_salt
         self.extra_keys = extra_keys_tuple(extra_keys)
-        if block_size is not None:
-            block_size = positive_int("block_size", block_size, "16")
-        if num_blocks is not None:
-            num_blocks = positive_int("num_blocks", num_blocks, "1024")
-        if store is not None:
-            store = shared_store(store, num_blocks, max_memory)
+        store_config = StoreConfig.checked(store, block_size, max_memory, num_blocks)
+        tiers = TierConfig(
+            host_memory,
+            disk,
+            disk_size,
+            remote,
+            tier_secret,
+            remote_min_tokens,
+            key_prefix,
+            remote_ttl,
+            remote_timeout,
+        )
         self.fallback: str | None = unsupported_reason(model)
         self.store: BlockStore | None = None
         layers = None
-        tiered = any(x is not None for x in (host_memory, disk, disk_size, remote, tier_secret))
         if self.fallback is None:
             try:
-                layouts, confirmed = self._layouts(model, probe=tiered)
+                layouts, confirmed = model_layouts(model, probe=tiers.wanted)
             except UnsupportedLayout as error:
                 self.fallback = str(error)
             else:
-                self.store = self._resolve_store(
-                    layouts, confirmed, store, block_size, max_memory, num_blocks
-                )
-                remote_options = remote_tier_options(
-                    remote,
-                    min_tokens=remote_min_tokens,
-                    key_prefix=key_prefix,
-                    ttl=remote_ttl,
-                    timeout=remote_timeout,
-                )
-                if tiered:
-                    if store is not None:
-                        raise ValueError(
-                            "tiers belong to the store: pass host_memory=/disk=/remote= to the first "
-                            "PrefixCache, and store=cache.store to the others"
-                        )
-                    self.store.attach_tiers(
-                        make_tiers(
-                            layouts, host_memory, disk, disk_size, remote, tier_secret, **remote_options
-                        )
-                    )
-                layers = [
-                    PrefixSlidingLayer(layout.sliding_window) if layout.sliding_window else PrefixFullLayer()
-                    for layout in layouts
-                ]
+                self.store = build_store(layouts, confirmed, store_config, tiers)
+                layers = prefix_layers(layouts)
         if layers is None:
             layers = DynamicCache(config=model.config.get_text_config(decoder=True)).layers
             self._warn(REUSE_OFF.format(self.fallback))
@@ -168,36 +147,6 @@ class PrefixCache(DynamicCache, Served):
         self._counters = Counters(self.store)
         if install:
             install_generate(model)
-
-    @staticmethod
-    def _layouts(model: torch.nn.Module, probe: bool) -> tuple[list[LayerLayout], bool]:
-        """The model's K/V layout and whether a forward pass confirmed it. Without tiers a prediction
-        from the config will do (the first call confirms it), sparing the probe forward."""
-        known = known_layout(model)
-        if known is not None:
-            return known, True
-        predicted = None if probe else predict_layout(model)
-        if predicted is not None:
-            return predicted, False
-        return probe_layout(model), True
-
-    @staticmethod
-    def _resolve_store(layouts, confirmed, store, block_size, max_memory, num_blocks) -> BlockStore:
-        if store is None:
-            return BlockStore.sized(
-                layouts,
-                block_size=16 if block_size is None else block_size,
-                max_memory=max_memory,
-                num_blocks=num_blocks,
-                confirmed=confirmed,
-            )
-        if not store.compatible_with(layouts):
-            raise ValueError(
-                "this store was built for a model with other K/V shapes or dtypes; make a new one"
-            )
-        if block_size is not None and block_size != store.block_size:
-            raise ValueError(f"block_size={block_size} differs from the shared store's {store.block_size}")
-        return store
 
     # -- identity ----------------------------------------------------------------------------------
     @property
