@@ -11,7 +11,7 @@ from .layers import PrefixFullLayer, PrefixSlidingLayer
 from .layout import LayerLayout, known_layout, predict_layout, probe_layout
 from .store import BlockStore
 from .tiers.setup import make_tiers, remote_tier_options
-from .validation import positive_int, shared_store
+from .validation import positive_int
 
 
 @dataclass(frozen=True)
@@ -126,4 +126,20 @@ def _resolve_store(layouts: list[LayerLayout], confirmed: bool, config: StoreCon
         raise ValueError("this store was built for a model with other K/V shapes or dtypes; make a new one")
     if block_size is not None and block_size != store.block_size:
         raise ValueError(f"block_size={block_size} differs from the shared store's {store.block_size}")
+    return store
+
+
+def shared_store(store, num_blocks, max_memory):
+    """The ``store=`` argument: a ``BlockStore`` whose size is fixed, so no size may be given with it."""
+    if not isinstance(store, BlockStore):
+        hint = " (pass its .store)" if hasattr(store, "store") else ""
+        raise TypeError(
+            f"store= takes the BlockStore of another PrefixCache, e.g. store=cache.store; got "
+            f"{type(store).__name__}{hint}"
+        )
+    if num_blocks is not None or max_memory is not None:
+        raise ValueError(
+            f"the shared store's size is fixed ({store.pool.num_blocks} blocks); drop num_blocks=/max_memory= "
+            "or make a separate store without store="
+        )
     return store

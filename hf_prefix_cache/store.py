@@ -13,17 +13,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .block_pool import Block, BlockPool
+from .block_pool import Block, BlockPool, ascending
 from .hashing import BlockHash
 from .identity import root_ref
 from .kv_pool import KVPool
 from .layout import LayerLayout, probe_layout
 from .memory import check_fits, parse_bytes
+from .tiers.stack import TierStack
 from .validation import positive_int
 
 if TYPE_CHECKING:
     from .tiers.base import Tier
-    from .tiers.stack import TierStack
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +35,6 @@ WriteBlocks = Callable[[list[int], list[int]], None]
 def blocks_in(budget: int, layouts: list[LayerLayout], block_size: int) -> int:
     """How many whole blocks of ``layouts`` fit in ``budget`` bytes."""
     return budget // sum(layout.block_bytes(block_size) for layout in layouts)
-
-
-def ascending(blocks: list[Block]) -> list[Block]:
-    """``blocks`` by id: fresh blocks laid out along a chain in this order read back as one view."""
-    return sorted(blocks, key=lambda block: block.block_id)
 
 
 class BlockStore:
@@ -98,8 +93,6 @@ class BlockStore:
 
     def attach_tiers(self, tiers: Sequence[Tier]) -> TierStack:
         """Put ``tiers`` (fastest first) below the pool: evictions write back, lookups continue there."""
-        from .tiers.stack import TierStack
-
         if not self.confirmed:
             raise ValueError("tiers need a store whose K/V layout a forward pass confirmed (probe_layout)")
         with self.lock:

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
+from ..block_pool import ascending
 from ..hashing import BlockHash
 from ..identity import root_of, tier_digest
 from ..parallel import run_all
-from ..store import ascending
 from .base import BlockData, BlockRequest, Tier
 from .entry import FORMAT_VERSION, pack, unpack
 

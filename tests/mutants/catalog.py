@@ -439,7 +439,7 @@ def copies_outlive_an_interrupt() -> None:
 
 def fresh_chains_not_ascending() -> None:
     """Fresh blocks keep the LRU queue's order (an evicted chain comes back in descending ids)."""
-    replace_function("hf_prefix_cache.store", "ascending", lambda original: lambda blocks: list(blocks))
+    replace_function("hf_prefix_cache.block_pool", "ascending", lambda original: lambda blocks: list(blocks))
 
 
 def remote_bad_values_kept() -> None:
