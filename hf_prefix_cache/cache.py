@@ -210,9 +210,9 @@ class PrefixCache(DynamicCache, Served):
                 row.hashes = self._identity.block_hashes(call.namespace, row.tokens, size)
                 # the last prompt token is always computed; off the default nothing stored fits the call
                 usable = 0 if call.off_default else (len(row.tokens) - 1) // size
-                row.hits = self.store.match(
-                    call.namespace, row.tokens, row.hashes, usable, self.extra_keys, row_sources
-                )
+                found = self.store.match(call.namespace, row.tokens, row.hashes, usable, self.extra_keys)
+                row.hits = found.blocks
+                row_sources.extend(found.sources)
             call.loaded = min(row.pad + len(row.hits) * size for row in rows)
             if call.loaded > 0:
                 place_prefix(self.layers, self.store, call)
@@ -412,7 +412,7 @@ class PrefixCache(DynamicCache, Served):
             return HitReport(tokens, 0, 0, self.block_size, pieces)
         size, namespace = self.block_size, self.namespace
         hashes = self._identity.block_hashes(namespace, tokens, size)
-        blocks = self.store.match(namespace, tokens, hashes, len(hashes), self.extra_keys)
+        blocks = self.store.match(namespace, tokens, hashes, len(hashes), self.extra_keys).blocks
         try:
             parent_ref = blocks[-1].ref if blocks else root_ref(namespace)
             with self.store.lock:

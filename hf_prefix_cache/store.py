@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,6 +36,14 @@ WriteBlocks = Callable[[list[int], list[int]], None]
 def blocks_in(budget: int, layouts: list[LayerLayout], block_size: int) -> int:
     """How many whole blocks of ``layouts`` fit in ``budget`` bytes."""
     return budget // sum(layout.block_bytes(block_size) for layout in layouts)
+
+
+@dataclass
+class Match:
+    """What ``BlockStore.match`` referenced: the chain's blocks in order, and the tier each came from."""
+
+    blocks: list[Block] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # "device", or the name of the tier it was promoted from
 
 
 class BlockStore:
@@ -156,12 +165,11 @@ class BlockStore:
         hashes: Sequence[BlockHash],
         max_blocks: int,
         extra_keys: tuple[Hashable, ...] = (),
-        sources: list[str] | None = None,
-    ) -> list[Block]:
+    ) -> Match:
         """Reference and return the longest verified chain of cached blocks for ``tokens``.
 
-        Where the pool's chain stops, lower tiers continue it (promoting their blocks into the pool);
-        ``sources`` receives the tier name of each returned block.
+        Where the pool's chain stops, lower tiers continue it (promoting their blocks into the pool); the
+        result names the tier of each returned block.
         """
         size = self.block_size
         blocks: list[Block] = []
@@ -175,15 +183,14 @@ class BlockStore:
                         break
                     self.pool.touch(block)
                     blocks.append(block)
-                if sources is not None:
-                    sources.extend(["device"] * len(blocks))
+                sources = ["device"] * len(blocks)
                 if self.tiers is not None:
                     limit = min(max_blocks, len(hashes))
                     self.tiers.promote(namespace, tokens, hashes, blocks, limit, extra_keys, sources)
             except BaseException:
                 self.pool.release(blocks)  # whatever raised, the caller never saw these references
                 raise
-        return blocks
+        return Match(blocks, sources)
 
     def read(self, layer: int, blocks: Sequence[Block]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kv.read(layer, [b.block_id for b in blocks])

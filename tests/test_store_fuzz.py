@@ -114,7 +114,7 @@ def check_stored_kv(model, store: BlockStore, sequences: list[list[int]], namesp
     """Every block a sequence hits holds the K/V a DynamicCache computes for those tokens."""
     for tokens in sequences:
         hashes = hashing.hash_blocks(hashing.root_hash(namespace), tokens, BLOCK)
-        blocks = store.match(namespace, tokens, hashes, len(hashes))
+        blocks = store.match(namespace, tokens, hashes, len(hashes)).blocks
         try:
             if not blocks:
                 continue
@@ -262,7 +262,7 @@ def test_a_failed_write_never_releases_the_callers_prefix():
     greedy(model, prompts[1], max_new_tokens=1, **{CACHE_KWARG: cache})
     tokens = prompts[4][0].tolist()
     hashes = cache.block_hashes(tokens)
-    held = cache.store.match(cache.namespace, tokens, hashes, len(hashes))
+    held = cache.store.match(cache.namespace, tokens, hashes, len(hashes)).blocks
     assert len(held) == 4
 
     def broken(positions, block_ids):

@@ -51,8 +51,8 @@ def store_tokens(store: BlockStore, tokens: list[int], value: float = 1.0, names
 def match(store: BlockStore, tokens: list[int], namespace: str = NAMESPACE, keep: bool = False):
     """(blocks, sources, K of layer 0 for the chain); releases the blocks unless ``keep``."""
     hashes = hashing.hash_blocks(hashing.root_hash(namespace), tokens, BLOCK)
-    sources: list[str] = []
-    blocks = store.match(namespace, tokens, hashes, len(hashes), (), sources)
+    found = store.match(namespace, tokens, hashes, len(hashes))
+    blocks, sources = found.blocks, found.sources
     keys = store.read(0, blocks)[0] if blocks else None
     if not keep:
         store.release(blocks)

@@ -162,9 +162,9 @@ def match_capped_at_one_block() -> None:
     match = BlockStore.match
 
     def one_block(self, *args, **kwargs):
-        blocks = match(self, *args, **kwargs)
-        self.release(blocks[1:])
-        return blocks[:1]
+        found = match(self, *args, **kwargs)
+        self.release(found.blocks[1:])
+        return type(found)(found.blocks[:1], found.sources[:1])
 
     BlockStore.match = one_block
 
