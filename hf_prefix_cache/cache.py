@@ -32,10 +32,10 @@ from .call import (
 )
 from .construction import StoreConfig, TierConfig, build_store, model_layouts, prefix_layers
 from .decode_masks import long_enough, wants_decode_masks
-from .explain import HitReport, matched_length
+from .explain import HitReport, stored_prefix
 from .generation import Served
 from .generation import install as install_generate
-from .identity import Identity, root_ref
+from .identity import Identity
 from .layers import PrefixLayer
 from .layout import (
     UnsupportedLayout,
@@ -45,17 +45,21 @@ from .layout import (
 )
 from .placement import place_prefix, reserve_room
 from .prompt_rows import as_batch, split_rows
-from .reasons import REUSE_OFF, STALE, UNDER_AUTOCAST, off_default, unstorable, unsupported_reason
+from .reasons import (
+    REUSE_OFF,
+    STALE,
+    UNDER_AUTOCAST,
+    PrefixCacheFallbackWarning,
+    off_default,
+    unstorable,
+    unsupported_reason,
+)
 from .recording import as_sequences, prompt_mismatch, record_call, replies_of
 from .stats import CacheStats, CallStats, Counters
 from .store import BlockStore
 from .validation import extra_keys_tuple
 
 logger = logging.getLogger(__name__)
-
-
-class PrefixCacheFallbackWarning(UserWarning):
-    """The cache is recomputing everything instead of reusing a prefix, and says why."""
 
 
 class PrefixCache(DynamicCache, Served):
@@ -410,18 +414,9 @@ class PrefixCache(DynamicCache, Served):
         pieces = [tokenizer.decode([t]) for t in tokens] if tokenizer is not None else None
         if self.store is None or not tokens:
             return HitReport(tokens, 0, 0, self.block_size, pieces)
-        size, namespace = self.block_size, self.namespace
-        hashes = self._identity.block_hashes(namespace, tokens, size)
-        blocks = self.store.match(namespace, tokens, hashes, len(hashes), self.extra_keys).blocks
-        try:
-            parent_ref = blocks[-1].ref if blocks else root_ref(namespace)
-            with self.store.lock:
-                children = [b.key[1] for b in self.store.pool.table.values() if b.key[0] == parent_ref]
-        finally:
-            self.store.release(blocks)
-        matched = len(blocks) * size + matched_length(children, tokens[len(blocks) * size :])
-        hit = min(len(blocks), (len(tokens) - 1) // size) * size
-        return HitReport(tokens, hit, matched, size, pieces)
+        namespace = self.namespace
+        hashes = self._identity.block_hashes(namespace, tokens, self.block_size)
+        return stored_prefix(self.store, namespace, tokens, hashes, self.extra_keys, pieces)
 
     # -- stats -------------------------------------------------------------------------------------
     @property

@@ -19,6 +19,11 @@ from transformers.generation.configuration_utils import GenerationMode
 
 from .compat import CACHE_KWARGS
 
+
+class PrefixCacheFallbackWarning(UserWarning):
+    """The cache is recomputing everything instead of reusing a prefix, and says why."""
+
+
 BUSY = (
     "this PrefixCache is serving another call (on another thread, or the generate() this call was made "
     "from); one PrefixCache serves one call at a time: give each thread or nested call its own view, "
