@@ -1,9 +1,10 @@
 """hf_prefix_cache: vLLM-style automatic prefix caching for Hugging Face ``transformers``."""
 
-from .cache import PrefixCache, PrefixCacheFallbackWarning
+from .cache import PrefixCache
 from .explain import HitReport
-from .hook import install, is_installed, uninstall
+from .generation import install, is_installed, uninstall
 from .memory import parse_bytes
+from .reasons import PrefixCacheFallbackWarning
 from .stats import CacheStats, CallStats
 from .store import BlockStore
 

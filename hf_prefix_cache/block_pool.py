@@ -148,3 +148,8 @@ class BlockPool:
         block.block_hash = None
         block.key = None
         block.generation += 1
+
+
+def ascending(blocks: list[Block]) -> list[Block]:
+    """``blocks`` by id: fresh blocks laid out along a chain in this order read back as one view."""
+    return sorted(blocks, key=lambda block: block.block_id)

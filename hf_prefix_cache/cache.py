@@ -9,11 +9,8 @@ layers, so nothing of one call leaks into the next.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
-import sys
-import threading
 import time
 import warnings
 from collections.abc import Hashable, Sequence
@@ -22,100 +19,50 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
-from transformers.generation.utils import GenerationMixin
 
 from . import adapters, fingerprint
-from .adapters import adapter_namespace
-from .call_state import CallState, place_prefix, reserve_room
+from .call import (
+    CallState,
+    Ownership,
+    calling_module,
+    captured_slots,
+    check_module,
+    inside_generate,
+    unprepared,
+)
+from .construction import StoreConfig, TierConfig, build_store, model_layouts, prefix_layers
 from .decode_masks import long_enough, wants_decode_masks
-from .explain import HitReport, matched_length
-from .fingerprint import WeightsWatch, attention_namespace, model_fingerprint
-from .hashing import hash_blocks, root_hash
-from .layers import PrefixFullLayer, PrefixSlidingLayer
+from .explain import HitReport, stored_prefix
+from .generation import Served
+from .generation import install as install_generate
+from .identity import Identity
+from .layers import PrefixLayer
 from .layout import (
-    LayerLayout,
     UnsupportedLayout,
     describe_layers,
-    known_layout,
-    predict_layout,
     probe_layout,
     remember_layout,
 )
-from .prompt_rows import PromptRow, as_batch, split_rows
+from .placement import place_prefix, reserve_room
+from .prompt_rows import as_batch, split_rows
+from .reasons import (
+    REUSE_OFF,
+    STALE,
+    UNDER_AUTOCAST,
+    PrefixCacheFallbackWarning,
+    off_default,
+    unstorable,
+    unsupported_reason,
+)
 from .recording import as_sequences, prompt_mismatch, record_call, replies_of
-from .stats import CacheStats, CallStats
+from .stats import CacheStats, CallStats, Counters
 from .store import BlockStore
-from .support import unsupported_reason
-from .tiers.setup import make_tiers, remote_tier_options
-from .validation import extra_keys_tuple, positive_int, shared_store
+from .validation import extra_keys_tuple
 
 logger = logging.getLogger(__name__)
 
 
-class PrefixCacheFallbackWarning(UserWarning):
-    """The cache is recomputing everything instead of reusing a prefix, and says why."""
-
-
-BUSY = (
-    "this PrefixCache is serving another call (on another thread, or the generate() this call was made "
-    "from); one PrefixCache serves one call at a time: give each thread or nested call its own view, "
-    "PrefixCache(model, store=cache.store) (views share every stored block)"
-)
-UNPREPARED = (
-    "generate() got a PrefixCache that did not look its prompt up: the generate() wrapper was removed "
-    "(hf_prefix_cache.uninstall) or never installed (install=False), and K/V of an earlier call would carry "
-    "into this one; call hf_prefix_cache.install(model) again, or cache.prepare(input_ids, attention_mask) "
-    "before generate() and cache.commit(out.sequences) after it"
-)
-MERGED = (
-    "generate() of a {running} got a PrefixCache made for the PEFT model {mine} that wrapped it: after "
-    "merge_and_unload() or unload() the merged model is a model of its own (other weights, other K/V, no "
-    "generate() wrapper). Make a cache for it that shares the stored blocks: PrefixCache(merged, "
-    "store=cache.store)"
-)
-REUSE_OFF = "prefix reuse is off for this model: {}; it will be recomputed every call"
-UNDER_AUTOCAST = "it ran under torch.autocast, whose K/V differ from what the model computes without it"
-_GENERATE_CODE = inspect.unwrap(GenerationMixin.generate).__code__  # its decorators share their code
-
-
-def _calling_module() -> torch.nn.Module | None:
-    """The module whose forward called ``Cache.update`` (the attention layer), found on the stack."""
-    frame = sys._getframe(2)
-    for _ in range(8):
-        if frame is None:
-            return None
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, torch.nn.Module):
-            return owner
-        frame = frame.f_back
-    return None
-
-
-def _unprepared(model: torch.nn.Module) -> str:
-    """Why generate() got an unprepared cache: MERGED when it runs on another model than the PEFT model the
-    cache was made for (its merged or unloaded base), else UNPREPARED."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is _GENERATE_CODE:
-            running = frame.f_locals.get("self")
-            if running is not None and running is not model and hasattr(model, "peft_config"):
-                return MERGED.format(running=type(running).__name__, mine=type(model).__name__)
-            break
-        frame = frame.f_back
-    return UNPREPARED
-
-
-def _inside_generate() -> bool:
-    """Whether transformers' ``generate()`` is on this thread's stack (checked only for unprepared use)."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is _GENERATE_CODE:
-            return True
-        frame = frame.f_back
-    return False
-
-
-class PrefixCache(DynamicCache):
+class PrefixCache(DynamicCache, Served):
     """A ``DynamicCache`` backed by a hashed, paged block store shared across ``generate()`` calls.
 
     Args:
@@ -167,97 +114,43 @@ class PrefixCache(DynamicCache):
     ):
         self.model = model
         self._warned: set[str] = set()  # fallback messages already shown: each is shown once
-        self._owner: int | None = None  # thread serving the call in flight (between prepare and release)
-        self._owner_lock = threading.Lock()
-        self._generating = False  # the generate() wrapper runs this call: nested wrapped generates pass
+        self._ownership = Ownership()  # the thread serving the call in flight (between prepare and release)
         self._verified_call: CallState | None = None  # the call whose K/V were seen coming from self.model
         self.cache_salt = cache_salt
         self.extra_keys = extra_keys_tuple(extra_keys)
-        if block_size is not None:
-            block_size = positive_int("block_size", block_size, "16")
-        if num_blocks is not None:
-            num_blocks = positive_int("num_blocks", num_blocks, "1024")
-        if store is not None:
-            store = shared_store(store, num_blocks, max_memory)
+        store_config = StoreConfig.checked(store, block_size, max_memory, num_blocks)
+        tiers = TierConfig(
+            host_memory,
+            disk,
+            disk_size,
+            remote,
+            tier_secret,
+            remote_min_tokens,
+            key_prefix,
+            remote_ttl,
+            remote_timeout,
+        )
         self.fallback: str | None = unsupported_reason(model)
         self.store: BlockStore | None = None
         layers = None
-        tiered = any(x is not None for x in (host_memory, disk, disk_size, remote, tier_secret))
         if self.fallback is None:
             try:
-                layouts, confirmed = self._layouts(model, probe=tiered)
+                layouts, confirmed = model_layouts(model, probe=tiers.wanted)
             except UnsupportedLayout as error:
                 self.fallback = str(error)
             else:
-                self.store = self._resolve_store(
-                    layouts, confirmed, store, block_size, max_memory, num_blocks
-                )
-                remote_options = remote_tier_options(
-                    remote,
-                    min_tokens=remote_min_tokens,
-                    key_prefix=key_prefix,
-                    ttl=remote_ttl,
-                    timeout=remote_timeout,
-                )
-                if tiered:
-                    if store is not None:
-                        raise ValueError(
-                            "tiers belong to the store: pass host_memory=/disk=/remote= to the first "
-                            "PrefixCache, and store=cache.store to the others"
-                        )
-                    self.store.attach_tiers(
-                        make_tiers(
-                            layouts, host_memory, disk, disk_size, remote, tier_secret, **remote_options
-                        )
-                    )
-                layers = [
-                    PrefixSlidingLayer(layout.sliding_window) if layout.sliding_window else PrefixFullLayer()
-                    for layout in layouts
-                ]
+                self.store = build_store(layouts, confirmed, store_config, tiers)
+                layers = prefix_layers(layouts)
         if layers is None:
             layers = DynamicCache(config=model.config.get_text_config(decoder=True)).layers
             self._warn(REUSE_OFF.format(self.fallback))
         Cache.__init__(self, layers=layers)
-        self._watch = WeightsWatch(model)
-        self._dtypes_and_devices = self._watch.dtypes_and_devices()
-        self._fingerprint = ""  # computed on the first call, not here: construction stays fast
+        self._identity = Identity(model, self.cache_salt, self.extra_keys)
+        self._dtypes_and_devices = self._identity.watch.dtypes_and_devices()
         self._call: CallState | None = None
-        self.last_call = CallStats()
-        self.reset_stats()
+        self._counters = Counters(self.store)
         if install:
-            from .hook import install as install_hook
-
-            install_hook(model)
-
-    @staticmethod
-    def _layouts(model: torch.nn.Module, probe: bool) -> tuple[list[LayerLayout], bool]:
-        """The model's K/V layout and whether a forward pass confirmed it. Without tiers a prediction
-        from the config will do (the first call confirms it), sparing the probe forward."""
-        known = known_layout(model)
-        if known is not None:
-            return known, True
-        predicted = None if probe else predict_layout(model)
-        if predicted is not None:
-            return predicted, False
-        return probe_layout(model), True
-
-    @staticmethod
-    def _resolve_store(layouts, confirmed, store, block_size, max_memory, num_blocks) -> BlockStore:
-        if store is None:
-            return BlockStore.sized(
-                layouts,
-                block_size=16 if block_size is None else block_size,
-                max_memory=max_memory,
-                num_blocks=num_blocks,
-                confirmed=confirmed,
-            )
-        if not store.compatible_with(layouts):
-            raise ValueError(
-                "this store was built for a model with other K/V shapes or dtypes; make a new one"
-            )
-        if block_size is not None and block_size != store.block_size:
-            raise ValueError(f"block_size={block_size} differs from the shared store's {store.block_size}")
-        return store
+            install_generate(model)
 
     # -- identity ----------------------------------------------------------------------------------
     @property
@@ -268,24 +161,7 @@ class PrefixCache(DynamicCache):
     def namespace(self) -> str:
         """Model fingerprint (a digest of every weight), attention implementation, salt and active PEFT
         adapters; the fingerprint is recomputed when the weights were replaced, cast, moved or written."""
-        self._watch.changed()
-        weights = model_fingerprint(self.model, self._watch.state)  # kept per model: a lookup when unchanged
-        if weights != self._fingerprint:
-            if self._fingerprint:
-                logger.info("model weights changed: earlier blocks will no longer match")
-            self._fingerprint = weights
-        attention = attention_namespace(self.model)
-        return f"{self._fingerprint}/{attention}/{self.cache_salt or ''}{adapter_namespace(self.model)}"
-
-    def _off_default(self, device_types: set[str]) -> str | None:
-        """Why K/V computed now on ``device_types`` would differ from those the model computes by default
-        (and the store holds): under autocast values come out in bf16; in training mode dropout changes
-        hidden states."""
-        if any(torch.is_autocast_enabled(device) for device in device_types):
-            return UNDER_AUTOCAST
-        if self.model.training:  # model.train(); a single fresh submodule in training mode is no sign
-            return "the model is in training mode, where dropout changes the K/V; call model.eval()"
-        return None
+        return self._identity.namespace
 
     @property
     def is_compileable(self) -> bool:
@@ -296,13 +172,13 @@ class PrefixCache(DynamicCache):
 
     def stale_reason(self) -> str | None:
         """Why stored K/V cannot be used with the model as it is now (its dtype or device changed)."""
-        if self.store is not None and self._watch.dtypes_and_devices() != self._dtypes_and_devices:
-            return "the model's dtype or device changed after this PrefixCache was made; create a new one"
+        if self.store is not None and self._identity.watch.dtypes_and_devices() != self._dtypes_and_devices:
+            return STALE
         return None
 
     def block_hashes(self, tokens: Sequence[int]) -> list[bytes]:
         """Chained hashes of the full blocks of ``tokens`` in this cache's namespace."""
-        return hash_blocks(root_hash(self.namespace), tokens, self.block_size, self.extra_keys)
+        return self._identity.block_hashes(self.namespace, tokens, self.block_size)
 
     # -- one call ----------------------------------------------------------------------------------
     def prepare(
@@ -316,7 +192,7 @@ class PrefixCache(DynamicCache):
         """
         started = time.perf_counter()
         try:
-            self._claim()
+            self._ownership.claim()
             self._drop_call()
             if (reason := self.stale_reason()) is not None:
                 raise RuntimeError(reason)
@@ -324,30 +200,30 @@ class PrefixCache(DynamicCache):
             mask = as_batch(attention_mask) if attention_mask is not None else None
             rows = split_rows(ids, mask)
             if self.store is None:
-                self._count(rows, loaded=0)
+                self._counters.record(rows, 0, self.block_size)
                 return self
             size = self.block_size
             call = self._call = CallState(self.namespace, rows, ids.shape[1], num_expand)
             call.prompt_ids = ids.tolist()
             device_types = {layout.device.type for layout in self.store.layouts}
-            call.off_default = self._off_default(device_types)
+            call.off_default = off_default(self.model, device_types)
             call.decode_masks = wants_decode_masks(self.model, device_types)
             reserve_room(self.layers, ids.shape[1], max_new_tokens)
             sources: list[list[str]] = [[] for _ in rows]  # the tier of each hit block, per row
             for row, row_sources in zip(rows, sources):
-                row.hashes = hash_blocks(call.root, row.tokens, size, self.extra_keys)
+                row.hashes = self._identity.block_hashes(call.namespace, row.tokens, size)
                 # the last prompt token is always computed; off the default nothing stored fits the call
                 usable = 0 if call.off_default else (len(row.tokens) - 1) // size
-                row.hits = self.store.match(
-                    call.namespace, row.tokens, row.hashes, usable, self.extra_keys, row_sources
-                )
+                found = self.store.match(call.namespace, row.tokens, row.hashes, usable, self.extra_keys)
+                row.hits = found.blocks
+                row_sources.extend(found.sources)
             call.loaded = min(row.pad + len(row.hits) * size for row in rows)
             if call.loaded > 0:
                 place_prefix(self.layers, self.store, call)
         except BaseException:
-            self._release_if_mine()
+            self.release_if_mine()
             raise
-        self._count(rows, call.loaded, sources)
+        self._counters.record(rows, call.loaded, size, sources)
         self.last_call.lookup_s = time.perf_counter() - started
         return self
 
@@ -360,7 +236,7 @@ class PrefixCache(DynamicCache):
         ``sequences`` that do not start with the prepared prompt, row for row, belong to another call:
         nothing is stored (counted in ``stats.refused_calls``).
         """
-        self._check_owner()
+        self._ownership.check()
         call, stats = self._call, self.last_call
         started = time.perf_counter()
         try:
@@ -370,8 +246,11 @@ class PrefixCache(DynamicCache):
                     problem = prompt_mismatch(call, sequences)
                 if problem is None:
                     replies = replies_of(call, sequences, *self._stop_and_pad(eos_token_id, pad_token_id))
-                    slots = self._captured_slots(call)
-                    problem = self._unstorable(call, slots, sequences if replies else None)
+                    slots = captured_slots(self.layers, call)
+                    verified = self._verified_call is call
+                    problem = unstorable(
+                        call, slots, sequences if replies else None, verified, self.namespace
+                    )
                 if problem is None and isinstance(slots, int) and slots > call.loaded:
                     problem = self._layout_problem()
                 if problem is not None:
@@ -387,44 +266,6 @@ class PrefixCache(DynamicCache):
         return stats
 
     # -- what the store accepts --------------------------------------------------------------------
-    def _captured_slots(self, call: CallState) -> int | str:
-        """Slots every layer holds for this call, or why they do not agree."""
-        rows = len(call.rows) * call.expand
-        counts = set()
-        for layer in self.layers:
-            keys, _, first = layer.captured()
-            if keys is None:
-                counts.add(first)
-                continue
-            if keys.shape[0] != rows:
-                return f"the layers hold {keys.shape[0]} rows, the call prepared {rows}"
-            counts.add(first + keys.shape[-2])
-        if len(counts) != 1:
-            return f"the layers hold different numbers of slots {sorted(counts)}"
-        return counts.pop()
-
-    def _unstorable(self, call: CallState, slots: int | str, sequences) -> str | None:
-        """Why the captured K/V must not be stored: a block is stored only from a call this cache prepared,
-        in the namespace it looked up in, with exactly the slots that the prompt and the reply imply."""
-        if isinstance(slots, str):
-            return slots
-        if slots == call.loaded:
-            return None  # nothing was computed: nothing to store, nothing wrong
-        if self._verified_call is not call:
-            return "no K/V of this call were seen coming from the model this cache was made for"
-        if call.off_default:
-            return call.off_default
-        if sequences is not None and slots != sequences.shape[1] - 1:
-            return (
-                f"the layers hold {slots} slots but prompt and reply imply {sequences.shape[1] - 1} (a call with "
-                "use_cache=False, another model, or K/V from outside this call)"
-            )
-        if slots < call.width:
-            return f"the layers hold {slots} slots, fewer than the {call.width} of the prompt"
-        if self.namespace != call.namespace:
-            return "the model's weights or active adapters changed during the call"
-        return None
-
     def _layout_problem(self) -> str | None:
         """Why this call's K/V do not fit the store's layout; the first call confirms a predicted one.
 
@@ -461,8 +302,7 @@ class PrefixCache(DynamicCache):
         self._warn(REUSE_OFF.format(reason))
 
     def _refuse(self, problem: str) -> None:
-        self._refused += 1
-        self.last_call.refused = problem
+        self._counters.record_refusal(problem)
         logger.info("PrefixCache stored nothing from a call: %s", problem)
         self._warn(
             "PrefixCache: stored nothing from a call whose K/V it cannot vouch for ("
@@ -472,12 +312,11 @@ class PrefixCache(DynamicCache):
 
     def release(self) -> None:
         """Drop this call's block references and K/V; the store keeps what was committed."""
-        self._check_owner()
+        self._ownership.check()
         try:
             self._drop_call()
         finally:
-            self._generating = False
-            self._owner = None
+            self._ownership.end()
 
     def _drop_call(self) -> None:
         call, self._call = self._call, None
@@ -488,44 +327,31 @@ class PrefixCache(DynamicCache):
         for layer in self.layers:
             layer.reset()
 
-    # -- one call at a time ------------------------------------------------------------------------
-    def _claim(self) -> None:
-        """Mark this thread as serving the call; a second thread gets an error naming the fix."""
-        me = threading.get_ident()
-        with self._owner_lock:
-            # on this thread too while the wrapper's generate() runs: a call from inside it (a logits
-            # processor) would drop the layers of the call in flight
-            if self._owner is not None and (self._owner != me or self._generating):
-                raise RuntimeError(BUSY)
-            self._owner = me
+    # -- the generate() wrapper (generation.py) ---------------------------------------------------
+    def generating_here(self) -> bool:
+        return self._ownership.generating_here()
 
-    def _check_owner(self) -> None:
-        owner = self._owner
-        if owner is not None and owner != threading.get_ident():
-            raise RuntimeError(BUSY)
+    def recompute_call(self, reason: str, input_ids) -> None:
+        self._warn(f"PrefixCache: {reason}; this call recomputes the whole prompt without the cache")
+        self._count_fallback(input_ids)
 
-    def _check_module(self, module: torch.nn.Module | None) -> None:
-        """K/V are accepted only from the model this cache fingerprinted (checked once per call)."""
-        if module is None or any(m is module for m in self.model.modules()):
-            return
-        raise ValueError(
-            f"this PrefixCache was made for another model ({type(self.model).__name__} at {id(self.model):#x}); "
-            f"a {type(module).__name__} outside it computed K/V into it. Make a cache per model: "
-            "PrefixCache(model) (or PrefixCache(model, store=...) for another view of the same model)"
-        )
+    def start_generate(self, decode_masks: bool) -> None:
+        if not decode_masks and self._call is not None:
+            self._call.decode_masks = False
+        self._ownership.generating = True
 
-    def _release_if_mine(self) -> None:
-        if self._owner == threading.get_ident():
+    def release_if_mine(self) -> None:
+        if self._ownership.mine():
             self.release()
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if layer_idx == 0:
-            self._check_owner()
+            self._ownership.check()
             call = self._call
-            if call is None and self.store is not None and _inside_generate():
-                raise RuntimeError(_unprepared(self.model))
+            if call is None and self.store is not None and inside_generate():
+                raise RuntimeError(unprepared(self.model))
             if call is not None and self._verified_call is not call:
-                self._check_module(_calling_module())
+                check_module(self.model, calling_module())
                 self._verified_call = call
             if (
                 call is not None
@@ -588,80 +414,27 @@ class PrefixCache(DynamicCache):
         pieces = [tokenizer.decode([t]) for t in tokens] if tokenizer is not None else None
         if self.store is None or not tokens:
             return HitReport(tokens, 0, 0, self.block_size, pieces)
-        size, namespace = self.block_size, self.namespace
-        hashes = hash_blocks(root_hash(namespace), tokens, size, self.extra_keys)
-        blocks = self.store.match(namespace, tokens, hashes, len(hashes), self.extra_keys)
-        try:
-            parent_ref = blocks[-1].ref if blocks else ("root", namespace)
-            with self.store.lock:
-                children = [b.key[1] for b in self.store.pool.table.values() if b.key[0] == parent_ref]
-        finally:
-            self.store.release(blocks)
-        matched = len(blocks) * size + matched_length(children, tokens[len(blocks) * size :])
-        hit = min(len(blocks), (len(tokens) - 1) // size) * size
-        return HitReport(tokens, hit, matched, size, pieces)
+        namespace = self.namespace
+        hashes = self._identity.block_hashes(namespace, tokens, self.block_size)
+        return stored_prefix(self.store, namespace, tokens, hashes, self.extra_keys, pieces)
 
     # -- stats -------------------------------------------------------------------------------------
+    @property
+    def last_call(self) -> CallStats:
+        """Tokens and timings of the last call (also returned by ``commit``)."""
+        return self._counters.last_call
+
     def _count_fallback(self, input_ids) -> None:
         """A call recomputed without the cache: it reused nothing (the counters say so)."""
-        prompt = int(input_ids.numel()) if isinstance(input_ids, torch.Tensor) else 0
-        self.last_call = CallStats(prompt_tokens=prompt, computed_tokens=prompt)
-
-    def _count(self, rows: list[PromptRow], loaded: int, sources: list[list[str]] | None = None) -> None:
-        prompt = sum(len(row.tokens) for row in rows)
-        hit = sum(max(0, loaded - row.pad) for row in rows)
-        self.last_call = CallStats(prompt_tokens=prompt, hit_tokens=hit, computed_tokens=prompt - hit)
-        size = self.block_size
-        for row, row_sources in zip(rows, sources or []):
-            used = max(0, loaded - row.pad)  # tokens of this row actually placed, block by block
-            for index, tier in enumerate(row_sources):
-                tokens = min(size, used - index * size)
-                if tokens <= 0:
-                    break
-                self.last_call.hit_tokens_by_tier[tier] = (
-                    self.last_call.hit_tokens_by_tier.get(tier, 0) + tokens
-                )
-                self._hit_tokens_by_tier[tier] = self._hit_tokens_by_tier.get(tier, 0) + tokens
-        self._calls += 1
-        self._prompt_tokens += prompt
-        self._hit_tokens += hit
+        self._counters.record_fallback(int(input_ids.numel()) if isinstance(input_ids, torch.Tensor) else 0)
 
     def reset_stats(self) -> None:
         """Zero the counters (the store's gauges are unaffected)."""
-        self._calls = self._prompt_tokens = self._hit_tokens = self._refused = 0
-        self._hit_tokens_by_tier: dict[str, int] = {}
-        self._evictions_at_reset = self.store.pool.evictions if self.store else 0
+        self._counters.reset(self.store)
 
     @property
     def stats(self) -> CacheStats:
-        pool = self.store.pool if self.store else None
-        tiers = self.store.tiers if self.store else None
-        return CacheStats(
-            calls=self._calls,
-            prompt_tokens=self._prompt_tokens,
-            hit_tokens=self._hit_tokens,
-            computed_tokens=self._prompt_tokens - self._hit_tokens,
-            hit_rate=self._hit_tokens / self._prompt_tokens if self._prompt_tokens else 0.0,
-            stored_blocks=pool.num_cached if pool else 0,
-            free_blocks=pool.num_blocks - pool.num_cached if pool else 0,
-            num_blocks=pool.num_blocks if pool else 0,
-            block_size=self.block_size,
-            evictions=pool.evictions - self._evictions_at_reset if pool else 0,
-            used_bytes=self.store.used_bytes if self.store else 0,
-            committed_bytes=self.store.committed_bytes if self.store else 0,
-            capacity_bytes=self.store.capacity_bytes if self.store else 0,
-            fallback=self.fallback,
-            refused_calls=self._refused,
-            hit_tokens_by_tier=self._tier_hits(),
-            tier_errors=tiers.errors if tiers else 0,
-            tiers=tiers.counters() if tiers else {},
-        )
-
-    def _tier_hits(self) -> dict[str, int]:
-        names = ["device"] + (
-            [t.name for t in self.store.tiers.tiers] if self.store and self.store.tiers else []
-        )
-        return {name: self._hit_tokens_by_tier.get(name, 0) for name in names}
+        return self._counters.snapshot(self.store, self.block_size, self.fallback)
 
     def clear(self) -> int:
         """Drop every stored block of the store (shared views included), e.g. after a weight update.
@@ -671,10 +444,10 @@ class PrefixCache(DynamicCache):
         weights, salt, extra keys). Disk entries of other namespaces stay: other models or processes may
         be using them; they age out under ``disk_size``. Returns the number of device blocks dropped.
         """
-        self._release_if_mine()
-        if self._owner is None:  # another thread's call in flight keeps using this view's buffers
+        self.release_if_mine()
+        if self._ownership.owner is None:  # another thread's call in flight keeps using this view's buffers
             for layer in self.layers:
-                if hasattr(layer, "release_buffers"):
+                if isinstance(layer, PrefixLayer):  # not the plain layers of a model that falls back
                     layer.release_buffers()
         if self.store is None:
             return 0

@@ -8,7 +8,11 @@ block, and where the first difference is.
 from __future__ import annotations
 
 import html
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+
+from .identity import root_ref
+from .store import BlockStore
 
 
 @dataclass
@@ -90,3 +94,27 @@ def matched_length(children_tokens: list[tuple[int, ...]], tail: list[int]) -> i
             common += 1
         best = max(best, common)
     return best
+
+
+def stored_prefix(
+    store: BlockStore,
+    namespace: str,
+    tokens: list[int],
+    hashes: Sequence[bytes],
+    extra_keys: tuple[Hashable, ...],
+    pieces: list[str] | None,
+) -> HitReport:
+    """The report for ``tokens`` against ``store``: its hit, and how far a stored chain matches beyond.
+
+    Read-only: the references taken to look the chain up are released."""
+    size = store.block_size
+    blocks = store.match(namespace, tokens, hashes, len(hashes), extra_keys).blocks
+    try:
+        parent_ref = blocks[-1].ref if blocks else root_ref(namespace)
+        with store.lock:
+            children = [b.key[1] for b in store.pool.table.values() if b.key[0] == parent_ref]
+    finally:
+        store.release(blocks)
+    matched = len(blocks) * size + matched_length(children, tokens[len(blocks) * size :])
+    hit = min(len(blocks), (len(tokens) - 1) // size) * size
+    return HitReport(tokens, hit, matched, size, pieces)

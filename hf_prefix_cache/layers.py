@@ -9,11 +9,34 @@ trims its window in ``update()``, so it keeps the untrimmed chunks on the side f
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+if TYPE_CHECKING:
+    from .placement import StoredPrefix
 
-class PrefixFullLayer(DynamicLayer):
+
+class PrefixLayer:
+    """What the cache asks of its layers beyond transformers' own: each class answers its own way."""
+
+    def reserve_slots(self, slots: int) -> None:
+        """This call will need ``slots`` slots (0: unknown)."""
+
+    def place(self, prefix: StoredPrefix, index: int) -> None:
+        """Hold the first ``prefix.loaded`` slots of layer ``index`` of the stored prefix."""
+        raise NotImplementedError
+
+    def captured(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(keys, values, first slot) of everything this layer saw since the last reset."""
+        raise NotImplementedError
+
+    def release_buffers(self) -> None:
+        """Free what the layer keeps between calls."""
+
+
+class PrefixFullLayer(PrefixLayer, DynamicLayer):
     """Full attention: ``keys``/``values`` are views ``[:, :, :length]`` of per-call buffers with spare room.
 
     ``update()`` copies the new slots into the buffer in place, so neither the prefill nor a decode step
@@ -32,6 +55,17 @@ class PrefixFullLayer(DynamicLayer):
         # them and a decode step may skip re-checking that they are views of the buffers
         self._shown_keys: torch.Tensor | None = None
         self._shown_values: torch.Tensor | None = None
+
+    def reserve_slots(self, slots: int) -> None:
+        self.reserve = slots
+
+    def place(self, prefix: StoredPrefix, index: int) -> None:
+        """Copy the stored prefix straight from the pool into this layer's buffers."""
+        layout = prefix.layout(index)
+        keys, values = self.prefix_slots(
+            prefix.rows, prefix.loaded, layout.num_heads, layout.head_dim, layout.dtype, layout.device
+        )
+        prefix.copy_into(index, keys, values)
 
     def prefix_slots(
         self, rows: int, length: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
@@ -156,13 +190,19 @@ class PrefixFullLayer(DynamicLayer):
         self._key_buffer = self._value_buffer = self._shown_keys = self._shown_values = None
 
 
-class PrefixSlidingLayer(DynamicSlidingWindowLayer):
+class PrefixSlidingLayer(PrefixLayer, DynamicSlidingWindowLayer):
     """Sliding window: records the full K/V passed to ``update`` before the window trims them."""
 
     def __init__(self, sliding_window: int, **kwargs):
         super().__init__(sliding_window=sliding_window, **kwargs)
         self._history: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._history_start = 0
+
+    def place(self, prefix: StoredPrefix, index: int) -> None:
+        """Load only the last slots of the stored prefix: a sliding window needs no more."""
+        first = max(0, prefix.loaded - (self.sliding_window - 1))
+        keys, values = prefix.read_from(index, first)
+        self.load_prefix(keys, values, total_length=prefix.loaded)
 
     def load_prefix(self, keys: torch.Tensor, values: torch.Tensor, total_length: int | None = None) -> None:
         """Place the last slots of a prefix of ``total_length`` slots, keeping only what the window needs."""

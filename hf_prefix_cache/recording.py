@@ -7,7 +7,7 @@ from collections.abc import Hashable
 
 import torch
 
-from .call_state import CallState
+from .call import CallState
 from .hashing import hash_blocks
 from .prompt_rows import reply_tokens
 from .store import BlockStore, WriteBlocks

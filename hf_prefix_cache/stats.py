@@ -1,8 +1,9 @@
-"""Counters a user reads after a call: what was asked, what was reused, what the store holds."""
+"""Counters a user reads after a call: ``Counters.record()`` counts, ``Counters.snapshot()`` reports."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from .memory import format_bytes
 
@@ -79,3 +80,72 @@ def _cell(name: str, value) -> str:
     if name == "hit_rate":
         return f"{value:.1%}"
     return "none" if value is None else str(value)
+
+
+class Counters:
+    """Totals since the last ``reset``, and the stats of the last call."""
+
+    def __init__(self, store: Any = None):
+        self.last_call = CallStats()
+        self.reset(store)
+
+    def reset(self, store: Any = None) -> None:
+        """Zero the totals; evictions count from ``store``'s number now (its gauges are unaffected)."""
+        self.calls = self.prompt_tokens = self.hit_tokens = self.refused = 0
+        self.hit_tokens_by_tier: dict[str, int] = {}
+        self.evictions_at_reset = store.pool.evictions if store is not None else 0
+
+    def record(
+        self, rows: list, loaded: int, block_size: int, sources: list[list[str]] | None = None
+    ) -> None:
+        """A looked-up call: ``loaded`` slots of every prompt row (``.tokens``, ``.pad``) came from the
+        store, block by block from the tiers named in ``sources``."""
+        prompt = sum(len(row.tokens) for row in rows)
+        hit = sum(max(0, loaded - row.pad) for row in rows)
+        last = self.last_call = CallStats(prompt_tokens=prompt, hit_tokens=hit, computed_tokens=prompt - hit)
+        for row, row_sources in zip(rows, sources or []):
+            used = max(0, loaded - row.pad)  # tokens of this row actually placed, block by block
+            for index, tier in enumerate(row_sources):
+                tokens = min(block_size, used - index * block_size)
+                if tokens <= 0:
+                    break
+                last.hit_tokens_by_tier[tier] = last.hit_tokens_by_tier.get(tier, 0) + tokens
+                self.hit_tokens_by_tier[tier] = self.hit_tokens_by_tier.get(tier, 0) + tokens
+        self.calls += 1
+        self.prompt_tokens += prompt
+        self.hit_tokens += hit
+
+    def record_fallback(self, prompt_tokens: int) -> None:
+        """A call recomputed without the cache: it reused nothing (the last call's stats say so)."""
+        self.last_call = CallStats(prompt_tokens=prompt_tokens, computed_tokens=prompt_tokens)
+
+    def record_refusal(self, problem: str) -> None:
+        """The store took nothing from the last call, for ``problem``."""
+        self.refused += 1
+        self.last_call.refused = problem
+
+    def snapshot(self, store: Any, block_size: int, fallback: str | None) -> CacheStats:
+        """The totals plus ``store``'s current gauges (all zero without a store)."""
+        pool = store.pool if store is not None else None
+        tiers = store.tiers if store is not None else None
+        names = ["device"] + ([t.name for t in tiers.tiers] if tiers else [])
+        return CacheStats(
+            calls=self.calls,
+            prompt_tokens=self.prompt_tokens,
+            hit_tokens=self.hit_tokens,
+            computed_tokens=self.prompt_tokens - self.hit_tokens,
+            hit_rate=self.hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
+            stored_blocks=pool.num_cached if pool else 0,
+            free_blocks=pool.num_blocks - pool.num_cached if pool else 0,
+            num_blocks=pool.num_blocks if pool else 0,
+            block_size=block_size,
+            evictions=pool.evictions - self.evictions_at_reset if pool else 0,
+            used_bytes=store.used_bytes if store is not None else 0,
+            committed_bytes=store.committed_bytes if store is not None else 0,
+            capacity_bytes=store.capacity_bytes if store is not None else 0,
+            fallback=fallback,
+            refused_calls=self.refused,
+            hit_tokens_by_tier={name: self.hit_tokens_by_tier.get(name, 0) for name in names},
+            tier_errors=tiers.errors if tiers else 0,
+            tiers=tiers.counters() if tiers else {},
+        )

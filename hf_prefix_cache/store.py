@@ -9,20 +9,22 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
-from .block_pool import Block, BlockPool
+from .block_pool import Block, BlockPool, ascending
 from .hashing import BlockHash
+from .identity import root_ref
 from .kv_pool import KVPool
 from .layout import LayerLayout, probe_layout
 from .memory import check_fits, parse_bytes
+from .tiers.stack import TierStack
 from .validation import positive_int
 
 if TYPE_CHECKING:
     from .tiers.base import Tier
-    from .tiers.stack import TierStack
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +38,12 @@ def blocks_in(budget: int, layouts: list[LayerLayout], block_size: int) -> int:
     return budget // sum(layout.block_bytes(block_size) for layout in layouts)
 
 
-def ascending(blocks: list[Block]) -> list[Block]:
-    """``blocks`` by id: fresh blocks laid out along a chain in this order read back as one view."""
-    return sorted(blocks, key=lambda block: block.block_id)
+@dataclass
+class Match:
+    """What ``BlockStore.match`` referenced: the chain's blocks in order, and the tier each came from."""
+
+    blocks: list[Block] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # "device", or the name of the tier it was promoted from
 
 
 class BlockStore:
@@ -97,8 +102,6 @@ class BlockStore:
 
     def attach_tiers(self, tiers: Sequence[Tier]) -> TierStack:
         """Put ``tiers`` (fastest first) below the pool: evictions write back, lookups continue there."""
-        from .tiers.stack import TierStack
-
         if not self.confirmed:
             raise ValueError("tiers need a store whose K/V layout a forward pass confirmed (probe_layout)")
         with self.lock:
@@ -152,7 +155,7 @@ class BlockStore:
     def chain_key(
         self, parent: Block | None, namespace: str, tokens: Sequence[int], extra_keys: tuple[Hashable, ...]
     ):
-        parent_ref = parent.ref if parent is not None else ("root", namespace)
+        parent_ref = parent.ref if parent is not None else root_ref(namespace)
         return (parent_ref, tuple(tokens), extra_keys)
 
     def match(
@@ -162,12 +165,11 @@ class BlockStore:
         hashes: Sequence[BlockHash],
         max_blocks: int,
         extra_keys: tuple[Hashable, ...] = (),
-        sources: list[str] | None = None,
-    ) -> list[Block]:
+    ) -> Match:
         """Reference and return the longest verified chain of cached blocks for ``tokens``.
 
-        Where the pool's chain stops, lower tiers continue it (promoting their blocks into the pool);
-        ``sources`` receives the tier name of each returned block.
+        Where the pool's chain stops, lower tiers continue it (promoting their blocks into the pool); the
+        result names the tier of each returned block.
         """
         size = self.block_size
         blocks: list[Block] = []
@@ -181,15 +183,14 @@ class BlockStore:
                         break
                     self.pool.touch(block)
                     blocks.append(block)
-                if sources is not None:
-                    sources.extend(["device"] * len(blocks))
+                sources = ["device"] * len(blocks)
                 if self.tiers is not None:
                     limit = min(max_blocks, len(hashes))
                     self.tiers.promote(namespace, tokens, hashes, blocks, limit, extra_keys, sources)
             except BaseException:
                 self.pool.release(blocks)  # whatever raised, the caller never saw these references
                 raise
-        return blocks
+        return Match(blocks, sources)
 
     def read(self, layer: int, blocks: Sequence[Block]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kv.read(layer, [b.block_id for b in blocks])

@@ -29,21 +29,3 @@ def extra_keys_tuple(value) -> tuple[Hashable, ...]:
         if not isinstance(key, Hashable):
             raise TypeError(f"extra_keys must hold hashable values (str, int, tuple), got {key!r}")
     return keys
-
-
-def shared_store(store, num_blocks, max_memory):
-    """The ``store=`` argument: a ``BlockStore`` whose size is fixed, so no size may be given with it."""
-    from .store import BlockStore
-
-    if not isinstance(store, BlockStore):
-        hint = " (pass its .store)" if hasattr(store, "store") else ""
-        raise TypeError(
-            f"store= takes the BlockStore of another PrefixCache, e.g. store=cache.store; got "
-            f"{type(store).__name__}{hint}"
-        )
-    if num_blocks is not None or max_memory is not None:
-        raise ValueError(
-            f"the shared store's size is fixed ({store.pool.num_blocks} blocks); drop num_blocks=/max_memory= "
-            "or make a separate store without store="
-        )
-    return store

@@ -15,7 +15,7 @@ import torch
 from exact import assert_same_output, greedy
 from tiny_models import random_ids, tiny_model
 
-from hf_prefix_cache import PrefixCache, PrefixCacheFallbackWarning, parse_bytes
+from hf_prefix_cache import PrefixCache, PrefixCacheFallbackWarning, construction, parse_bytes
 from hf_prefix_cache import cache as cache_module
 from hf_prefix_cache.compat import CACHE_KWARG
 from hf_prefix_cache.layout import UnsupportedLayout, run_probe
@@ -87,7 +87,7 @@ def test_a_wrong_prediction_is_replaced_by_the_probe_before_anything_is_stored(m
     truth = run_probe(model)
     lies = {"dtype": {"dtype": torch.bfloat16}, "head_dim": {"head_dim": 2 * truth[0].head_dim}}[wrong]
     monkeypatch.setattr(
-        cache_module, "predict_layout", lambda model: [dataclasses.replace(x, **lies) for x in truth]
+        construction, "predict_layout", lambda model: [dataclasses.replace(x, **lies) for x in truth]
     )
     cache = PrefixCache(model, block_size=4, **budget)
     assert cache.store.layouts != truth
@@ -103,7 +103,7 @@ def test_a_budget_that_holds_no_block_of_the_real_layout_refuses_to_store(monkey
     model = tiny_model("llama")
     truth = run_probe(model)
     small = [dataclasses.replace(x, head_dim=x.head_dim // 2) for x in truth]
-    monkeypatch.setattr(cache_module, "predict_layout", lambda model: small)
+    monkeypatch.setattr(construction, "predict_layout", lambda model: small)
     cache = PrefixCache(model, block_size=4, max_memory=sum(x.block_bytes(4) for x in small))
     prompt = random_ids(21, seed=3)
     with warnings.catch_warnings():
@@ -161,7 +161,7 @@ def test_a_layout_the_first_call_finds_unservable_turns_reuse_off_with_one_warni
     model = tiny_model("llama")
     truth = run_probe(model)
     monkeypatch.setattr(
-        cache_module, "predict_layout", lambda model: [dataclasses.replace(x, num_heads=7) for x in truth]
+        construction, "predict_layout", lambda model: [dataclasses.replace(x, num_heads=7) for x in truth]
     )
 
     def unservable(model):

@@ -53,7 +53,7 @@ def test_random_keyboard_interrupts_leave_the_store_sound():
             except KeyboardInterrupt:
                 interrupted += 1
             assert cache.store.pool.num_referenced == 0
-            assert cache.get_seq_length() == 0 and cache._owner is None
+            assert cache.get_seq_length() == 0 and cache._ownership.owner is None
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)

@@ -95,9 +95,9 @@ def test_changed_adapter_weights_start_a_new_namespace():
 
 def test_negative_control_without_the_adapter_namespace_adapter_b_gets_a_s_kv(monkeypatch):
     """The check can fail: with the adapter suffix switched off, b hits a's blocks and differs."""
-    import hf_prefix_cache.cache as cache_module
+    import hf_prefix_cache.identity as identity_module
 
-    monkeypatch.setattr(cache_module, "adapter_namespace", lambda model: "")
+    monkeypatch.setattr(identity_module, "adapter_namespace", lambda model: "")
     model, _ = lora_model()
     cache = PrefixCache(model, block_size=BLOCK, num_blocks=128)
     prompt = random_ids(30, seed=1)

@@ -182,9 +182,9 @@ def test_extra_keys_reach_the_disk_under_their_own_namespace(tmp_path):
         writer.tiers.namespace(NAMESPACE, extra).hex()
     }
     reader = make_store(16, disk=tmp_path)
-    sources: list[str] = []
-    blocks = reader.match(NAMESPACE, TOKENS, hashes, len(hashes), extra, sources)
-    assert sources == ["disk"] * 3
+    found = reader.match(NAMESPACE, TOKENS, hashes, len(hashes), extra)
+    blocks = found.blocks
+    assert found.sources == ["disk"] * 3
     assert torch.equal(reader.read(0, blocks)[0], kv)
     reader.release(blocks)
 

@@ -41,7 +41,7 @@ def store_tokens(store: BlockStore, tokens: list[int], namespace: str = "ns", va
 
 def match(store: BlockStore, tokens: list[int], namespace: str = "ns"):
     hashes = hashing.hash_blocks(hashing.root_hash(namespace), tokens, BLOCK)
-    blocks = store.match(namespace, tokens, hashes, len(hashes))
+    blocks = store.match(namespace, tokens, hashes, len(hashes)).blocks
     store.release(blocks)
     return blocks
 
@@ -105,7 +105,7 @@ def test_referenced_blocks_are_never_evicted():
     store_tokens(store, list(range(8)))
     tokens = list(range(8))
     hashes = hashing.hash_blocks(hashing.root_hash("ns"), tokens, BLOCK)
-    pinned = store.match("ns", tokens, hashes, 2)
+    pinned = store.match("ns", tokens, hashes, 2).blocks
     store_tokens(store, [70, 71, 72, 73])  # no free block: nothing stored, nothing evicted
     assert store.pool.evictions == 0 and len(pinned) == 2
     assert store.pool.num_cached == 2 and match(store, [70, 71, 72, 73]) == []

@@ -26,7 +26,7 @@ from transformers import DynamicCache
 from hf_prefix_cache import PrefixCache, hashing
 from hf_prefix_cache.block_pool import BlockPool
 from hf_prefix_cache.compat import CACHE_KWARG
-from hf_prefix_cache.hook import _MARK
+from hf_prefix_cache.generation import _MARK
 from hf_prefix_cache.kv_pool import KVPool
 from hf_prefix_cache.store import BlockStore
 
@@ -114,7 +114,7 @@ def check_stored_kv(model, store: BlockStore, sequences: list[list[int]], namesp
     """Every block a sequence hits holds the K/V a DynamicCache computes for those tokens."""
     for tokens in sequences:
         hashes = hashing.hash_blocks(hashing.root_hash(namespace), tokens, BLOCK)
-        blocks = store.match(namespace, tokens, hashes, len(hashes))
+        blocks = store.match(namespace, tokens, hashes, len(hashes)).blocks
         try:
             if not blocks:
                 continue
@@ -228,7 +228,9 @@ def test_interleaved_calls_keep_the_store_sound(operations, num_blocks):
 def run_on_threads(views, prepared, decoded, calls, wrapped_generate) -> None:
     """Two wrapped generate() calls at once: a view busy on another thread refuses with the fix."""
     errors: list[BaseException] = []
-    busy = {view for view, _ in calls if views[view]._owner is not None}  # prepared on the main thread
+    busy = {
+        view for view, _ in calls if views[view]._ownership.owner is not None
+    }  # prepared on the main thread
 
     def work(view: int, index: int) -> None:
         try:
@@ -260,7 +262,7 @@ def test_a_failed_write_never_releases_the_callers_prefix():
     greedy(model, prompts[1], max_new_tokens=1, **{CACHE_KWARG: cache})
     tokens = prompts[4][0].tolist()
     hashes = cache.block_hashes(tokens)
-    held = cache.store.match(cache.namespace, tokens, hashes, len(hashes))
+    held = cache.store.match(cache.namespace, tokens, hashes, len(hashes)).blocks
     assert len(held) == 4
 
     def broken(positions, block_ids):

@@ -7,12 +7,18 @@ import struct
 import pytest
 import torch
 
+from hf_prefix_cache.identity import tier_digest
 from hf_prefix_cache.layout import LayerLayout
 from hf_prefix_cache.tiers import FORMAT_VERSION, BlockData, BlockRequest, EntryError, decode, encode
 from hf_prefix_cache.tiers import entry as entry_module
-from hf_prefix_cache.tiers.namespace import tier_namespace
 
 CPU = torch.device("cpu")
+
+
+def tier_namespace(namespace, block_size, layouts, extra_keys=()):
+    return tier_digest(namespace, block_size, layouts, extra_keys, format_version=FORMAT_VERSION)
+
+
 LAYOUTS = [LayerLayout(2, 4, torch.float32, CPU), LayerLayout(3, 8, torch.bfloat16, CPU)]
 BLOCK = 4
 NS = tier_namespace("model/salt", BLOCK, LAYOUTS)
@@ -147,12 +153,9 @@ def test_the_namespace_digest_covers_everything_that_changes_kv():
     assert len(base) == 16
 
 
-def test_the_namespace_digest_covers_the_format_version(monkeypatch):
-    from hf_prefix_cache.tiers import namespace as namespace_module
-
+def test_the_namespace_digest_covers_the_format_version():
     base = tier_namespace("fp/salt", 16, LAYOUTS)
-    monkeypatch.setattr(namespace_module, "FORMAT_VERSION", FORMAT_VERSION + 1)
-    assert tier_namespace("fp/salt", 16, LAYOUTS) != base
+    assert tier_digest("fp/salt", 16, LAYOUTS, format_version=FORMAT_VERSION + 1) != base
 
 
 def test_the_namespace_digest_is_stable_across_processes():
@@ -161,8 +164,8 @@ def test_the_namespace_digest_is_stable_across_processes():
 
     code = (
         "import torch; from hf_prefix_cache.layout import LayerLayout as L;"
-        "from hf_prefix_cache.tiers.namespace import tier_namespace as t;"
-        "print(t('fp/salt', 16, [L(2, 4, torch.float32, torch.device('cpu'))]).hex())"
+        "from hf_prefix_cache.identity import tier_digest as t;"
+        f"print(t('fp/salt', 16, [L(2, 4, torch.float32, torch.device('cpu'))], format_version={FORMAT_VERSION}).hex())"
     )
     here = tier_namespace("fp/salt", 16, [LAYOUTS[0]]).hex()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

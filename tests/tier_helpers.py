@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from hf_prefix_cache import BlockStore, hashing
+from hf_prefix_cache.identity import tier_digest
 from hf_prefix_cache.layout import LayerLayout
 from hf_prefix_cache.tiers import BlockData, BlockRequest, DiskTier, HostTier
-from hf_prefix_cache.tiers.namespace import tier_namespace
+from hf_prefix_cache.tiers.entry import FORMAT_VERSION as _FORMAT_VERSION
 
 LAYOUT = [LayerLayout(2, 4, torch.float32, torch.device("cpu")) for _ in range(2)]
 BLOCK = 4
@@ -50,8 +51,8 @@ def store_tokens(store: BlockStore, tokens: list[int], value: float = 1.0, names
 def match(store: BlockStore, tokens: list[int], namespace: str = NAMESPACE, keep: bool = False):
     """(blocks, sources, K of layer 0 for the chain); releases the blocks unless ``keep``."""
     hashes = hashing.hash_blocks(hashing.root_hash(namespace), tokens, BLOCK)
-    sources: list[str] = []
-    blocks = store.match(namespace, tokens, hashes, len(hashes), (), sources)
+    found = store.match(namespace, tokens, hashes, len(hashes))
+    blocks, sources = found.blocks, found.sources
     keys = store.read(0, blocks)[0] if blocks else None
     if not keep:
         store.release(blocks)
@@ -59,7 +60,7 @@ def match(store: BlockStore, tokens: list[int], namespace: str = NAMESPACE, keep
 
 
 def tier_ns(namespace: str = NAMESPACE) -> bytes:
-    return tier_namespace(namespace, BLOCK, LAYOUT)
+    return tier_digest(namespace, BLOCK, LAYOUT, format_version=_FORMAT_VERSION)
 
 
 def synthetic_chain(tokens: list[int], value: float = 1.0, namespace: str = NAMESPACE):

@@ -8,7 +8,6 @@ from .base import BlockData, BlockRequest, Tier, TierCounters, TierWarning
 from .disk import DiskTier
 from .entry import FORMAT_VERSION, EntryError, TierKey, decode, encode
 from .host import HostTier
-from .namespace import tier_namespace
 from .stack import TierStack
 
 __all__ = [
@@ -25,5 +24,4 @@ __all__ = [
     "TierWarning",
     "decode",
     "encode",
-    "tier_namespace",
 ]

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
-from ..hashing import BlockHash, root_hash
+from ..block_pool import ascending
+from ..hashing import BlockHash
+from ..identity import root_of, tier_digest
 from ..parallel import run_all
-from ..store import ascending
 from .base import BlockData, BlockRequest, Tier
-from .entry import pack, unpack
-from .namespace import tier_namespace
+from .entry import FORMAT_VERSION, pack, unpack
 
 if TYPE_CHECKING:
     from ..block_pool import Block
@@ -63,7 +63,13 @@ class TierStack:
         key = (namespace, tuple(extra_keys))
         digest = self._namespaces.get(key)
         if digest is None:
-            digest = tier_namespace(namespace, self.store.block_size, self.store.layouts, extra_keys)
+            digest = tier_digest(
+                namespace,
+                self.store.block_size,
+                self.store.layouts,
+                extra_keys,
+                format_version=FORMAT_VERSION,
+            )
             self._namespaces[key] = digest
         return digest
 
@@ -100,7 +106,7 @@ class TierStack:
 
     def _publish(self, namespace, tokens, hashes, positions, blocks, extra_keys) -> None:
         digest = self.namespace(namespace, extra_keys)
-        root = root_hash(namespace)
+        root = root_of(namespace)
         size = self.store.block_size
         outgoing: dict[int, list[BlockData]] = {}
         for position, block in zip(positions, blocks):
@@ -168,7 +174,7 @@ class TierStack:
     def _fetch(self, namespace, tokens, hashes, start, limit, extra_keys) -> list[tuple[BlockData, str]]:
         """The blocks ``start:limit`` of the chain from the tiers, in order, each with its tier's name."""
         digest = self.namespace(namespace, extra_keys)
-        root = root_hash(namespace)
+        root = root_of(namespace)
         size = self.store.block_size
         requests = [
             BlockRequest(hashes[i], hashes[i - 1] if i else root, tuple(tokens[i * size : (i + 1) * size]))

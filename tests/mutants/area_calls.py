@@ -10,14 +10,14 @@ CALLS = "tests/test_misuse_calls.py"
 
 def allow_list_lets_inputs_embeds_through() -> None:
     """inputs_embeds beside input_ids is on the wrapper's allow-list."""
-    from hf_prefix_cache import hook
+    from hf_prefix_cache import reasons
 
-    hook.SERVED_KWARGS = hook.SERVED_KWARGS | {"inputs_embeds"}
+    reasons.SERVED_KWARGS = reasons.SERVED_KWARGS | {"inputs_embeds"}
 
 
 def allow_list_off() -> None:
     """Any kwarg (position_ids, a model's forward kwargs...) is served."""
-    replace_function("hf_prefix_cache.hook", "_unserved_kwargs", lambda original: lambda kwargs: None)
+    replace_function("hf_prefix_cache.reasons", "unserved_kwargs", lambda original: lambda kwargs: None)
 
 
 def custom_masks_served() -> None:
@@ -32,7 +32,7 @@ def custom_masks_served() -> None:
 
         return without_the_mask_check
 
-    replace_function("hf_prefix_cache.hook", "_call_fallback_reason", make)
+    replace_function("hf_prefix_cache.reasons", "call_fallback_reason", make)
 
 
 def hidden_states_served() -> None:
@@ -46,33 +46,33 @@ def hidden_states_served() -> None:
 
         return blind
 
-    replace_function("hf_prefix_cache.hook", "_effective_config", make)
+    replace_function("hf_prefix_cache.generation", "effective_config", make)
 
 
 def reentry_passes_through() -> None:
     """generate() re-entered from inside a call on the same cache runs on the outer call's layers."""
-    replace_function("hf_prefix_cache.hook", "_reentered", lambda original: lambda: False)
+    replace_function("hf_prefix_cache.generation", "reentered", lambda original: lambda: False)
 
 
 def peft_inner_call_refused() -> None:
     """PeftModel.generate's own call of the wrapped base model's generate() is refused as a re-entry."""
-    replace_function("hf_prefix_cache.hook", "_reentered", lambda original: lambda: True)
+    replace_function("hf_prefix_cache.generation", "reentered", lambda original: lambda: True)
 
 
 def prepare_reentry_claimed() -> None:
     """prepare() from inside the wrapper's generate() on the same thread takes the call in flight over."""
-    from hf_prefix_cache import PrefixCache
+    from hf_prefix_cache.call import Ownership
 
-    claim = PrefixCache._claim
+    claim = Ownership.claim
 
     def ignores_the_call_in_flight(self):
-        generating, self._generating = self._generating, False
+        generating, self.generating = self.generating, False
         try:
             claim(self)
         finally:
-            self._generating = generating
+            self.generating = generating
 
-    PrefixCache._claim = ignores_the_call_in_flight
+    Ownership.claim = ignores_the_call_in_flight
 
 
 def commit_skips_the_prompt_check() -> None:

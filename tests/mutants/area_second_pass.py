@@ -209,16 +209,16 @@ def remote_failure_keeps_known() -> None:
 
 def reset_stats_keeps_tier_hits() -> None:
     """reset_stats() leaves the hits by tier counting from construction."""
-    from hf_prefix_cache import PrefixCache
+    from hf_prefix_cache.stats import Counters
 
-    reset = PrefixCache.reset_stats
+    reset = Counters.reset
 
-    def keeping(self):
-        by_tier = dict(getattr(self, "_hit_tokens_by_tier", {}))
-        reset(self)
-        self._hit_tokens_by_tier.update(by_tier)
+    def keeping(self, *args, **kwargs):
+        by_tier = dict(getattr(self, "hit_tokens_by_tier", {}))
+        reset(self, *args, **kwargs)
+        self.hit_tokens_by_tier.update(by_tier)
 
-    PrefixCache.reset_stats = keeping
+    Counters.reset = keeping
 
 
 def committed_counts_rewrites() -> None:

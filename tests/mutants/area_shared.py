@@ -71,11 +71,9 @@ def disk_size_not_validated() -> None:
 
 def merged_peft_blames_uninstall() -> None:
     """generate() on a merged PEFT model with the old cache gets the generic 'uninstall' message."""
-    from hf_prefix_cache import cache as cache_module
+    from hf_prefix_cache.reasons import UNPREPARED
 
-    replace_function(
-        "hf_prefix_cache.cache", "_unprepared", lambda original: lambda model: cache_module.UNPREPARED
-    )
+    replace_function("hf_prefix_cache.call", "unprepared", lambda original: lambda model: UNPREPARED)
 
 
 MUTANTS: list[Mutant] = [

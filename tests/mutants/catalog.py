@@ -81,7 +81,7 @@ def wrapper_changes_kwarg_without_cache() -> None:
 
         return mutated_install
 
-    replace_function("hf_prefix_cache.hook", "install", make)
+    replace_function("hf_prefix_cache.generation", "install", make)
 
 
 def write_outputs_wrong_values() -> None:
@@ -162,9 +162,9 @@ def match_capped_at_one_block() -> None:
     match = BlockStore.match
 
     def one_block(self, *args, **kwargs):
-        blocks = match(self, *args, **kwargs)
-        self.release(blocks[1:])
-        return blocks[:1]
+        found = match(self, *args, **kwargs)
+        self.release(found.blocks[1:])
+        return type(found)(found.blocks[:1], found.sources[:1])
 
     BlockStore.match = one_block
 
@@ -234,16 +234,16 @@ def fallback_model_gets_the_cache() -> None:
 
         return hands_over
 
-    replace_function("hf_prefix_cache.hook", "run_generate", make)
+    replace_function("hf_prefix_cache.generation", "run_generate", make)
 
 
 def every_generation_mode_served() -> None:
     """Contrastive search, DoLa, group beams... are served from the store instead of falling back."""
     from transformers.generation.configuration_utils import GenerationMode
 
-    from hf_prefix_cache import hook
+    from hf_prefix_cache import reasons
 
-    hook.EXACT_MODES.update(set(GenerationMode) - {GenerationMode.ASSISTED_GENERATION})
+    reasons.EXACT_MODES.update(set(GenerationMode) - {GenerationMode.ASSISTED_GENERATION})
 
 
 def fingerprint_ignores_weights() -> None:
@@ -278,12 +278,12 @@ def busy_view_not_refused() -> None:
     """A second thread may take over a PrefixCache whose call is in flight."""
     import threading
 
-    from hf_prefix_cache import PrefixCache
+    from hf_prefix_cache.call import Ownership
 
     def claim(self):
-        self._owner = threading.get_ident()
+        self.owner = threading.get_ident()
 
-    PrefixCache._claim = claim
+    Ownership.claim = claim
 
 
 def extend_chain_releases_held() -> None:
@@ -313,19 +313,17 @@ def use_cache_false_served() -> None:
 
         return ignores_use_cache
 
-    replace_function("hf_prefix_cache.hook", "_call_fallback_reason", make)
+    replace_function("hf_prefix_cache.reasons", "call_fallback_reason", make)
 
 
 def unprepared_generate_served() -> None:
     """A generate() that never went through prepare() (after uninstall) computes into the cache."""
-    replace_function("hf_prefix_cache.cache", "_inside_generate", lambda original: lambda: False)
+    replace_function("hf_prefix_cache.call", "inside_generate", lambda original: lambda: False)
 
 
 def foreign_module_accepted() -> None:
     """K/V computed by another model's layers are accepted into this cache."""
-    from hf_prefix_cache import PrefixCache
-
-    PrefixCache._check_module = lambda self, module: None
+    replace_function("hf_prefix_cache.call", "check_module", lambda original: lambda model, module: None)
 
 
 def adapters_ignored() -> None:
@@ -344,7 +342,7 @@ def custom_generate_served() -> None:
 
         return ignores_custom
 
-    replace_function("hf_prefix_cache.hook", "_call_fallback_reason", make)
+    replace_function("hf_prefix_cache.reasons", "call_fallback_reason", make)
 
 
 # -- issue 9 and 10: tiers -------------------------------------------------------------------------------
@@ -441,7 +439,7 @@ def copies_outlive_an_interrupt() -> None:
 
 def fresh_chains_not_ascending() -> None:
     """Fresh blocks keep the LRU queue's order (an evicted chain comes back in descending ids)."""
-    replace_function("hf_prefix_cache.store", "ascending", lambda original: lambda blocks: list(blocks))
+    replace_function("hf_prefix_cache.block_pool", "ascending", lambda original: lambda blocks: list(blocks))
 
 
 def remote_bad_values_kept() -> None:
@@ -563,22 +561,22 @@ def calls_not_checked_against_the_layout() -> None:
 
 def off_default_calls_use_the_store() -> None:
     """A call under torch.autocast (or in training mode) looks its prompt up and reuses stored blocks."""
-    from hf_prefix_cache import PrefixCache
-
-    PrefixCache._off_default = lambda self, device_types: None
+    replace_function(
+        "hf_prefix_cache.reasons", "off_default", lambda original: lambda model, device_types: None
+    )
 
 
 def off_default_calls_feed_the_store() -> None:
     """K/V computed under torch.autocast or with dropout in training mode are stored."""
-    from hf_prefix_cache import PrefixCache
 
-    unstorable = PrefixCache._unstorable
+    def make(unstorable):
+        def forgetting(call, *args, **kwargs):
+            call.off_default = None
+            return unstorable(call, *args, **kwargs)
 
-    def forgetting(self, call, slots, sequences):
-        call.off_default = None
-        return unstorable(self, call, slots, sequences)
+        return forgetting
 
-    PrefixCache._unstorable = forgetting
+    replace_function("hf_prefix_cache.reasons", "unstorable", make)
 
 
 def decode_masks_off() -> None:

@@ -1,0 +1,145 @@
+"""Construction: the model's K/V layout, then a sized or shared store, then its tiers from a small config."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .layers import PrefixFullLayer, PrefixSlidingLayer
+from .layout import LayerLayout, known_layout, predict_layout, probe_layout
+from .store import BlockStore
+from .tiers.setup import make_tiers, remote_tier_options
+from .validation import positive_int
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """The lower tiers a store is given (``PrefixCache``'s tier arguments); none given: no tiers."""
+
+    host_memory: int | str | None = None
+    disk: str | os.PathLike | None = None
+    disk_size: int | str | None = None
+    remote: str | None = None
+    tier_secret: str | bytes | None = None
+    remote_min_tokens: int | None = None
+    key_prefix: str | None = None
+    remote_ttl: float | None = None
+    remote_timeout: float | None = None
+
+    @property
+    def wanted(self) -> bool:
+        return any(
+            x is not None
+            for x in (self.host_memory, self.disk, self.disk_size, self.remote, self.tier_secret)
+        )
+
+    def remote_options(self) -> dict:
+        """The remote tier's options that were given; an error if any is given without ``remote=``."""
+        return remote_tier_options(
+            self.remote,
+            min_tokens=self.remote_min_tokens,
+            key_prefix=self.key_prefix,
+            ttl=self.remote_ttl,
+            timeout=self.remote_timeout,
+        )
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """A store to make (``block_size``, a budget) or to share (``store``), checked when made."""
+
+    store: BlockStore | None = None
+    block_size: int | None = None
+    max_memory: int | str | None = None
+    num_blocks: int | None = None
+
+    @classmethod
+    def checked(cls, store, block_size, max_memory, num_blocks) -> StoreConfig:
+        if block_size is not None:
+            block_size = positive_int("block_size", block_size, "16")
+        if num_blocks is not None:
+            num_blocks = positive_int("num_blocks", num_blocks, "1024")
+        if store is not None:
+            store = shared_store(store, num_blocks, max_memory)
+        return cls(store, block_size, max_memory, num_blocks)
+
+
+def model_layouts(model: torch.nn.Module, probe: bool) -> tuple[list[LayerLayout], bool]:
+    """The model's K/V layout and whether a forward pass confirmed it. Without tiers a prediction
+    from the config will do (the first call confirms it), sparing the probe forward."""
+    known = known_layout(model)
+    if known is not None:
+        return known, True
+    predicted = None if probe else predict_layout(model)
+    if predicted is not None:
+        return predicted, False
+    return probe_layout(model), True
+
+
+def build_store(
+    layouts: list[LayerLayout], confirmed: bool, config: StoreConfig, tiers: TierConfig
+) -> BlockStore:
+    """A store sized for ``layouts`` (or the shared one, checked against them), with its tiers attached."""
+    store = _resolve_store(layouts, confirmed, config)
+    remote_options = tiers.remote_options()
+    if tiers.wanted:
+        if config.store is not None:
+            raise ValueError(
+                "tiers belong to the store: pass host_memory=/disk=/remote= to the first "
+                "PrefixCache, and store=cache.store to the others"
+            )
+        store.attach_tiers(
+            make_tiers(
+                layouts,
+                tiers.host_memory,
+                tiers.disk,
+                tiers.disk_size,
+                tiers.remote,
+                tiers.tier_secret,
+                **remote_options,
+            )
+        )
+    return store
+
+
+def prefix_layers(layouts: list[LayerLayout]) -> list:
+    """One cache layer per model layer: sliding-window or full attention."""
+    return [
+        PrefixSlidingLayer(layout.sliding_window) if layout.sliding_window else PrefixFullLayer()
+        for layout in layouts
+    ]
+
+
+def _resolve_store(layouts: list[LayerLayout], confirmed: bool, config: StoreConfig) -> BlockStore:
+    store, block_size = config.store, config.block_size
+    if store is None:
+        return BlockStore.sized(
+            layouts,
+            block_size=16 if block_size is None else block_size,
+            max_memory=config.max_memory,
+            num_blocks=config.num_blocks,
+            confirmed=confirmed,
+        )
+    if not store.compatible_with(layouts):
+        raise ValueError("this store was built for a model with other K/V shapes or dtypes; make a new one")
+    if block_size is not None and block_size != store.block_size:
+        raise ValueError(f"block_size={block_size} differs from the shared store's {store.block_size}")
+    return store
+
+
+def shared_store(store, num_blocks, max_memory):
+    """The ``store=`` argument: a ``BlockStore`` whose size is fixed, so no size may be given with it."""
+    if not isinstance(store, BlockStore):
+        hint = " (pass its .store)" if hasattr(store, "store") else ""
+        raise TypeError(
+            f"store= takes the BlockStore of another PrefixCache, e.g. store=cache.store; got "
+            f"{type(store).__name__}{hint}"
+        )
+    if num_blocks is not None or max_memory is not None:
+        raise ValueError(
+            f"the shared store's size is fixed ({store.pool.num_blocks} blocks); drop num_blocks=/max_memory= "
+            "or make a separate store without store="
+        )
+    return store
