@@ -125,6 +125,16 @@ def clear_keeps_digests() -> None:
     replace_function("hf_prefix_cache.fingerprint", "forget", lambda original: lambda model: None)
 
 
+def watch_walks_every_call() -> None:
+    """The per-call watch re-reads the model's tensors and remakes its probes on every call."""
+    import itertools
+
+    from hf_prefix_cache import fingerprint
+
+    counter = itertools.count()
+    fingerprint.registration_epoch = lambda: next(counter)
+
+
 MUTANTS: list[Mutant] = [
     Mutant(
         "fingerprint_samples",
@@ -188,5 +198,11 @@ MUTANTS: list[Mutant] = [
         "clear() re-hashes every weight, so K/V of an unseen edit never land in the old namespace",
         clear_keeps_digests,
         (f"{IDENTITY}::test_an_unprobed_data_write_is_seen_after_clear_and_never_poisons_the_old_namespace",),
+    ),
+    Mutant(
+        "watch_walks_every_call",
+        "the per-call watch walks the model and remakes probes only after a registration",
+        watch_walks_every_call,
+        (f"{IDENTITY}::test_unchanged_calls_neither_walk_the_model_nor_make_probes_again",),
     ),
 ]
