@@ -12,8 +12,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import DEFAULT_SYSTEM_PROMPT, EvalConfig
-from .modes import MODE_NAMES, MODES
+from .config import DEFAULT_SYSTEM_PROMPT, MODE_NAMES, EvalConfig
+from .modes import MODES
 
 _DEFAULTS = EvalConfig()
 

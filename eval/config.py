@@ -11,11 +11,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .modes import BASELINE, MODE_NAMES, PREFIX_CACHE, redact_url
-from .replay import HISTORY_CHOICES
-
+# The modes a run can measure, by name (modes.MODES holds one class under each), and the two that the
+# rest of the harness names. This module imports no other module of the harness: every one may import it.
+BASELINE = "baseline"
+PREFIX_CACHE = "prefix_cache"
+MODE_NAMES: tuple[str, ...] = (BASELINE, "deepcopy", "cont_batching", PREFIX_CACHE)
+HISTORY_CHOICES: tuple[str, ...] = ("model", "dataset")  # whose reply goes into the next turn's history
 WORKER_STARTS: tuple[str, ...] = ("together", "staggered")
 DEFAULT_SYSTEM_PROMPT = "default"  # EvalConfig.system_prompt value meaning data.default_system_prompt()
+
+
+def redact_url(url: str) -> str:
+    """A Redis URL without its password (``user:password@``), for results.json and the report."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user + ':' if user else ''}***@{host}"
 
 
 @dataclass

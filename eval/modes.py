@@ -33,6 +33,7 @@ from transformers import ContinuousBatchingConfig, DynamicCache, GenerationConfi
 import hf_prefix_cache
 from hf_prefix_cache import PrefixCache
 
+from .config import BASELINE, PREFIX_CACHE, redact_url
 from .timing import FirstTokenTimer
 
 logger = logging.getLogger(__name__)
@@ -102,16 +103,6 @@ def greedy_config(model: torch.nn.Module, max_new_tokens: int) -> GenerationConf
 def cache_kwarg(model: torch.nn.Module) -> str:
     """``cache`` from transformers 5.24, ``past_key_values`` before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def redact_url(url: str) -> str:
-    """A Redis URL without its password (``user:password@``), for results.json and the report."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    credentials, _, host = rest.rpartition("@")
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user + ':' if user else ''}***@{host}"
 
 
 def shown_tiers(tiers: dict[str, Any]) -> dict[str, Any]:
@@ -197,7 +188,7 @@ class Mode:
 class Baseline(Mode):
     """``generate()`` without any cache argument: no reuse at all."""
 
-    name = "baseline"
+    name = BASELINE
     label = "generate(), no reuse"
 
     def generate(self, prompt_ids: list[int]) -> Generation:
@@ -329,7 +320,7 @@ class ContinuousBatching(Mode):
 class PrefixCacheMode(Mode):
     """``hf_prefix_cache.PrefixCache`` passed to ``generate()``; only its public API is used."""
 
-    name = "prefix_cache"
+    name = PREFIX_CACHE
     label = "hf_prefix_cache.PrefixCache"
 
     def __init__(self, context: ModeContext):
@@ -382,9 +373,6 @@ class PrefixCacheMode(Mode):
 MODES: dict[str, type[Mode]] = {
     mode.name: mode for mode in (Baseline, DeepcopyRecipe, ContinuousBatching, PrefixCacheMode)
 }
-MODE_NAMES: tuple[str, ...] = tuple(MODES)
-BASELINE = Baseline.name
-PREFIX_CACHE = PrefixCacheMode.name
 
 
 def _kv_bytes_per_token(model: torch.nn.Module) -> int:

@@ -16,12 +16,12 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
+from .config import HISTORY_CHOICES
 from .data import Conversation
 
 logger = logging.getLogger(__name__)
 
 History = Literal["model", "dataset"]
-HISTORY_CHOICES: tuple[str, ...] = ("model", "dataset")
 
 
 @dataclass

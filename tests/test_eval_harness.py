@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 
 from hf_prefix_cache_eval import runner
 from hf_prefix_cache_eval.__main__ import main
-from hf_prefix_cache_eval.config import EvalConfig
+from hf_prefix_cache_eval.config import MODE_NAMES, EvalConfig
 from hf_prefix_cache_eval.data import Conversation, Turn, load_conversations
 from hf_prefix_cache_eval.metrics import (
     TurnRecord,
@@ -28,7 +28,7 @@ from hf_prefix_cache_eval.metrics import (
     speedup_pivot,
     summarize,
 )
-from hf_prefix_cache_eval.modes import MODE_NAMES, greedy_config, trim_at_stop
+from hf_prefix_cache_eval.modes import MODES, greedy_config, trim_at_stop
 from hf_prefix_cache_eval.replay import Replay, render_prompt
 from hf_prefix_cache_eval.report import format_report
 from hf_prefix_cache_eval.runner import recipe_prefix, run_evaluation
@@ -123,6 +123,12 @@ def conversations(turns_per_conversation):
 
 
 # -- replay ------------------------------------------------------------------------------------------
+def test_every_mode_name_has_its_class_in_order():
+    """config.py names the modes (it sits below every other module); modes.py holds one class under each."""
+    assert tuple(MODES) == MODE_NAMES
+    assert all(MODES[name].name == name for name in MODE_NAMES)
+
+
 def test_round_robin_interleaves_conversations(tokenizer):
     replay = Replay(conversations([2, 3, 1]), tokenizer)
     order = []
