@@ -20,7 +20,7 @@ from .identity import root_ref
 from .kv_pool import KVPool
 from .layout import LayerLayout, probe_layout
 from .memory import check_fits, parse_bytes
-from .tiers.stack import TierStack
+from .tiering import TierStack
 from .validation import positive_int
 
 if TYPE_CHECKING:
@@ -169,28 +169,31 @@ class BlockStore:
         """Reference and return the longest verified chain of cached blocks for ``tokens``.
 
         Where the pool's chain stops, lower tiers continue it (promoting their blocks into the pool); the
-        result names the tier of each returned block.
+        result names the tier of each returned block. Tier reads happen outside the lock (``TierStack.promote``):
+        the blocks found so far are referenced, so nothing another view does meanwhile can take them.
         """
         size = self.block_size
-        blocks: list[Block] = []
+        limit = min(max_blocks, len(hashes))
+        found = Match()
         with self.lock:
+            for index in range(limit):
+                window = tokens[index * size : (index + 1) * size]
+                key = self.chain_key(found.blocks[-1] if found.blocks else None, namespace, window, extra_keys)
+                block = self.pool.lookup(hashes[index], key)
+                if block is None:
+                    break
+                self.pool.touch(block)
+                found.blocks.append(block)
+                found.sources.append("device")
+        if self.tiers is not None and len(found.blocks) < limit:
             try:
-                for index in range(min(max_blocks, len(hashes))):
-                    window = tokens[index * size : (index + 1) * size]
-                    key = self.chain_key(blocks[-1] if blocks else None, namespace, window, extra_keys)
-                    block = self.pool.lookup(hashes[index], key)
-                    if block is None:
-                        break
-                    self.pool.touch(block)
-                    blocks.append(block)
-                sources = ["device"] * len(blocks)
-                if self.tiers is not None:
-                    limit = min(max_blocks, len(hashes))
-                    self.tiers.promote(namespace, tokens, hashes, blocks, limit, extra_keys, sources)
+                self.tiers.promote(
+                    namespace, tokens, hashes, found.blocks, limit, extra_keys, found.sources
+                )
             except BaseException:
-                self.pool.release(blocks)  # whatever raised, the caller never saw these references
+                self.release(found.blocks)  # whatever raised, the caller never saw these references
                 raise
-        return Match(blocks, sources)
+        return found
 
     def read(self, layer: int, blocks: Sequence[Block]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kv.read(layer, [b.block_id for b in blocks])

@@ -50,7 +50,7 @@ def disk_clear_keeps_known() -> None:
 
 def stack_clear_host_namespace_only() -> None:
     """TierStack.clear() empties only this namespace from the host tier (README: the whole host tier)."""
-    from hf_prefix_cache.tiers.stack import TierStack
+    from hf_prefix_cache.tiering import TierStack
 
     clear = TierStack.clear
 
@@ -237,7 +237,7 @@ def committed_counts_rewrites() -> None:
 
 def promoted_root_keys() -> None:
     """Blocks promoted from a lower tier are cached under a key that forgets their parent block."""
-    from hf_prefix_cache.tiers.stack import TierStack
+    from hf_prefix_cache.tiering import TierStack
 
     place = TierStack._place
 
@@ -252,7 +252,7 @@ def promoted_root_keys() -> None:
 
 def promoted_no_origin() -> None:
     """A block promoted from a lower tier is not written back to host when the pool evicts it again."""
-    from hf_prefix_cache.tiers.stack import TierStack
+    from hf_prefix_cache.tiering import TierStack
 
     place = TierStack._place
 
@@ -267,7 +267,7 @@ def promoted_no_origin() -> None:
 
 def publish_without_extra_keys() -> None:
     """Write-through files blocks under the tier namespace without the view's extra keys."""
-    from hf_prefix_cache.tiers.stack import TierStack
+    from hf_prefix_cache.tiering import TierStack
 
     publish = TierStack._publish
 
@@ -320,7 +320,7 @@ def remote_clear_every_namespace() -> None:
 
 def stack_flush_ignores_timeout() -> None:
     """TierStack.flush(timeout) waits without a limit for the tiers' writers."""
-    from hf_prefix_cache.tiers.stack import TierStack
+    from hf_prefix_cache.tiering import TierStack
 
     flush = TierStack.flush
 
@@ -359,7 +359,7 @@ def host_counters_overwritten() -> None:
 
 def fetch_gives_up_when_host_has_all() -> None:
     """A chain the first tier holds whole ends the lookup with nothing (the loop returns instead of stopping)."""
-    from hf_prefix_cache.tiers.stack import TierStack
+    from hf_prefix_cache.tiering import TierStack
 
     fetch = TierStack._fetch
 
@@ -375,7 +375,7 @@ def fetch_gives_up_when_host_has_all() -> None:
 
 def promotion_cut_short_leaks() -> None:
     """A promotion cut short by a full pool keeps a reference to the blocks it took."""
-    from hf_prefix_cache.tiers.stack import TierStack
+    from hf_prefix_cache.tiering import TierStack
 
     place = TierStack._place
 
@@ -390,7 +390,7 @@ def promotion_cut_short_leaks() -> None:
 
 def evicting_needs_a_host() -> None:
     """The write-back hook fails on a stack without a host tier (``and`` for ``or`` in its guard)."""
-    from hf_prefix_cache.tiers.stack import TierStack
+    from hf_prefix_cache.tiering import TierStack
 
     evicting = TierStack.evicting
 

@@ -355,7 +355,7 @@ def entry_checksum_blind() -> None:
 
 def host_write_back_off() -> None:
     """Blocks the device pool evicts are lost instead of kept in the host tier."""
-    from hf_prefix_cache.tiers.stack import TierStack
+    from hf_prefix_cache.tiering import TierStack
 
     TierStack.evicting = lambda self, block: None
 

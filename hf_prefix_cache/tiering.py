@@ -22,16 +22,16 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
-from ..block_pool import ascending
-from ..hashing import BlockHash
-from ..identity import root_of, tier_digest
-from ..parallel import run_all
-from .base import BlockData, BlockRequest, Tier
-from .entry import FORMAT_VERSION, pack, unpack
+from .block_pool import ascending
+from .hashing import BlockHash
+from .identity import root_of, tier_digest
+from .parallel import run_all
+from .tiers.base import BlockData, BlockRequest, Tier
+from .tiers.entry import FORMAT_VERSION, pack, unpack
 
 if TYPE_CHECKING:
-    from ..block_pool import Block
-    from ..store import BlockStore
+    from .block_pool import Block
+    from .store import BlockStore
 
 logger = logging.getLogger(__name__)
 
@@ -157,8 +157,13 @@ class TierStack:
         extra_keys: tuple[Hashable, ...],
         sources: list[str] | None,
     ) -> list[Block]:
-        """Continue ``chain`` (referenced pool blocks) from the tiers up to ``limit`` blocks; returns the
-        newly referenced blocks (promoted into the pool), stopping at the first block no tier has."""
+        """Continue ``chain`` (pool blocks the caller references) from the tiers up to ``limit`` blocks;
+        returns the newly referenced blocks (promoted into the pool), stopping at the first block no tier has.
+
+        Called WITHOUT the store's lock: the tier reads (a disk read, a Redis round trip) and the copy into
+        the pool run unlocked, so other views keep using the store meanwhile; only the bookkeeping before
+        and after takes the lock (vLLM's ``prepare_load`` / ``complete_load``).
+        """
         start = len(chain)
         if start >= limit:
             return []
@@ -166,6 +171,8 @@ class TierStack:
             found = self._fetch(namespace, tokens, hashes, start, limit, extra_keys)
         except Exception as error:
             self.tiers[0].error("lookup", f"lookup failed ({error!r})")
+            return []
+        if not found:
             return []
         return self._place(
             namespace, self.namespace(namespace, extra_keys), chain, found, extra_keys, sources
@@ -196,8 +203,27 @@ class TierStack:
         return found
 
     def _place(self, namespace, digest, chain, found, extra_keys, sources) -> list[Block]:
-        """Allocate pool blocks for ``found`` (as a new block would be), copy the K/V in, publish them."""
-        pool, kv = self.store.pool, self.store.kv
+        """Admit ``found`` into the pool as new blocks are admitted: reserve blocks (locked), copy the K/V
+        in (unlocked: the reserved blocks are referenced by this call alone and not published yet), then
+        publish them (locked), appending each to ``chain``."""
+        with self.store.lock:
+            taken = self._reserve(found)
+        if not taken:
+            return []
+        try:
+            self._copy_in(taken)
+        except Exception as error:
+            with self.store.lock:
+                self.store.pool.release([block for block, _, _ in taken])
+            self.tiers[0].error("promote", f"could not copy blocks into the pool ({error!r})")
+            return []
+        with self.store.lock:
+            return self._publish_promoted(namespace, digest, chain, taken, extra_keys, sources)
+
+    def _reserve(self, found) -> list[tuple[Block, BlockData, str]]:
+        """Referenced empty pool blocks for ``found``, in ascending id order along the chain (see
+        ``BlockStore._extend``); fewer when the pool is full of referenced blocks or a block in use collides."""
+        pool = self.store.pool
         taken: list[tuple[Block, BlockData, str]] = []
         for data, tier_name in found:
             occupant = pool.table.get(data.block_hash)
@@ -207,32 +233,42 @@ class TierStack:
             if block is None:
                 break  # every block is referenced: a shorter hit
             taken.append((block, data, tier_name))
-        if not taken:
-            return []
         ordered = ascending([block for block, _, _ in taken])
-        taken = [(block, data, name) for block, (_, data, name) in zip(ordered, taken)]  # see _extend
-        try:
-            ids = [block.block_id for block, _, _ in taken]
-            kv.mark_written(ids)  # before the threads: they then only read the marks
+        self.store.kv.mark_written([block.block_id for block in ordered])  # the copies then only read marks
+        return [(block, data, name) for block, (_, data, name) in zip(ordered, taken)]
 
-            def write(layer: int) -> None:
-                keys = [data.keys[layer] for _, data, _ in taken]
-                values = [data.values[layer] for _, data, _ in taken]
-                kv.write_blocks(layer, ids, keys, values)
+    def _copy_in(self, taken: list[tuple[Block, BlockData, str]]) -> None:
+        kv = self.store.kv
+        ids = [block.block_id for block, _, _ in taken]
 
-            run_all([partial(write, layer) for layer in range(len(kv.keys))], parallel=len(taken) >= 8)
-        except Exception as error:
-            pool.release([block for block, _, _ in taken])
-            self.tiers[0].error("promote", f"could not copy blocks into the pool ({error!r})")
-            return []
-        promoted = []
-        for block, data, tier_name in taken:
+        def write(layer: int) -> None:
+            keys = [data.keys[layer] for _, data, _ in taken]
+            values = [data.values[layer] for _, data, _ in taken]
+            kv.write_blocks(layer, ids, keys, values)
+
+        run_all([partial(write, layer) for layer in range(len(kv.keys))], parallel=len(taken) >= 8)
+
+    def _publish_promoted(self, namespace, digest, chain, taken, extra_keys, sources) -> list[Block]:
+        """Cache the copied blocks under their chain keys. A block another view published meanwhile (same
+        parent and tokens) is taken instead of ours; one in use under another key ends the chain there."""
+        pool = self.store.pool
+        promoted: list[Block] = []
+        for index, (block, data, tier_name) in enumerate(taken):
             parent = chain[-1] if chain else None
             key = self.store.chain_key(parent, namespace, data.tokens, extra_keys)
-            pool.cache(block, data.block_hash, key)
-            self._origins[block.block_id] = _Origin(
-                digest, data.block_hash, data.parent_hash, tuple(data.tokens), block.generation
-            )
+            occupant = pool.table.get(data.block_hash)
+            if occupant is not None and occupant.key == key:
+                pool.touch(occupant)  # the same block, published by another view while we copied
+                pool.release([block])
+                block = occupant
+            elif occupant is not None and occupant.ref_count > 0:
+                pool.release([b for b, _, _ in taken[index:]])
+                break
+            else:
+                pool.cache(block, data.block_hash, key)
+                self._origins[block.block_id] = _Origin(
+                    digest, data.block_hash, data.parent_hash, tuple(data.tokens), block.generation
+                )
             chain.append(block)
             promoted.append(block)
             if sources is not None:
