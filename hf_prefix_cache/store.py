@@ -178,7 +178,9 @@ class BlockStore:
         with self.lock:
             for index in range(limit):
                 window = tokens[index * size : (index + 1) * size]
-                key = self.chain_key(found.blocks[-1] if found.blocks else None, namespace, window, extra_keys)
+                key = self.chain_key(
+                    found.blocks[-1] if found.blocks else None, namespace, window, extra_keys
+                )
                 block = self.pool.lookup(hashes[index], key)
                 if block is None:
                     break
@@ -187,9 +189,7 @@ class BlockStore:
                 found.sources.append("device")
         if self.tiers is not None and len(found.blocks) < limit:
             try:
-                self.tiers.promote(
-                    namespace, tokens, hashes, found.blocks, limit, extra_keys, found.sources
-                )
+                self.tiers.promote(namespace, tokens, hashes, found.blocks, limit, extra_keys, found.sources)
             except BaseException:
                 self.release(found.blocks)  # whatever raised, the caller never saw these references
                 raise

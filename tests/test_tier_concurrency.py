@@ -114,7 +114,7 @@ def test_two_views_promoting_one_chain_share_one_copy():
     store.release(first_blocks)
     store.release(second_blocks)
     assert store.pool.num_referenced == 0
-    blocks, sources, keys = match(store, TOKENS)
+    _, sources, keys = match(store, TOKENS)
     assert sources == ["device"] * 4 and torch.equal(keys, expected)
 
 
