@@ -25,7 +25,7 @@ import threading
 
 import torch
 
-from hf_prefix_cache import PrefixCache
+from hf_prefix_cache import CACHE_KWARG, PrefixCache
 
 from .bench_common import add_prompt_options, finish, prompts_for, timed, verdict
 from .models import load_model
@@ -38,7 +38,7 @@ TARGETS = {"same_store / solo": ("<=", 1.1)}
 
 def generate(model, ids, cache):
     return model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False, cache=cache
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False, **{CACHE_KWARG: cache}
     )
 
 

@@ -44,8 +44,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from hf_prefix_cache import PrefixCache, decode_masks
-from hf_prefix_cache.compat import CACHE_KWARG
+from hf_prefix_cache import CACHE_KWARG, PrefixCache, decode_masks
 from hf_prefix_cache.fingerprint import WeightsWatch
 from hf_prefix_cache.hashing import hash_blocks, root_hash
 from hf_prefix_cache.layout import run_probe

@@ -63,8 +63,7 @@ def ttft_side_by_side(prefix_tokens: int, new_tokens: int, repeats: int, seed: i
     """Median first-call TTFT of a fresh cache over a keyed and an unkeyed disk folder (see the docstring)."""
     import torch
 
-    from hf_prefix_cache import PrefixCache, hashing
-    from hf_prefix_cache.compat import CACHE_KWARG
+    from hf_prefix_cache import CACHE_KWARG, PrefixCache, hashing
     from hf_prefix_cache.tiers import BlockRequest
 
     from .bench_common import real_text_ids

@@ -32,8 +32,7 @@ from contextlib import contextmanager
 
 import torch
 
-from hf_prefix_cache import PrefixCache
-from hf_prefix_cache.compat import CACHE_KWARG
+from hf_prefix_cache import CACHE_KWARG, PrefixCache
 
 from .bench_common import add_prompt_options, finish, print_modes, prompts_for, real_text_ids, timed, verdict
 from .models import load_model

@@ -1,6 +1,7 @@
 """hf_prefix_cache: vLLM-style automatic prefix caching for Hugging Face ``transformers``."""
 
 from .cache import PrefixCache
+from .compat import CACHE_KWARG
 from .explain import HitReport
 from .generation import install, is_installed, uninstall
 from .memory import parse_bytes
@@ -9,6 +10,7 @@ from .stats import CacheStats, CallStats
 from .store import BlockStore
 
 __all__ = [
+    "CACHE_KWARG",
     "BlockStore",
     "CacheStats",
     "CallStats",

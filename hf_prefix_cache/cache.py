@@ -89,6 +89,7 @@ class PrefixCache(DynamicCache, Served):
         tier_secret: a secret (at least 16 bytes; default ``$HF_PREFIX_CACHE_TIER_SECRET``) that
             authenticates every disk and remote entry with a MAC: entries without a valid one (forged by
             anyone who can write the folder or server, or written with another or no secret) are misses.
+        **tier_options: the arguments of a tier kind added to ``hf_prefix_cache.tiers.registry.KINDS``.
     """
 
     def __init__(
@@ -111,6 +112,7 @@ class PrefixCache(DynamicCache, Served):
         remote_ttl: float | None = None,
         remote_timeout: float | None = None,
         tier_secret: str | bytes | None = None,
+        **tier_options,
     ):
         self.model = model
         self._warned: set[str] = set()  # fallback messages already shown: each is shown once
@@ -119,16 +121,17 @@ class PrefixCache(DynamicCache, Served):
         self.cache_salt = cache_salt
         self.extra_keys = extra_keys_tuple(extra_keys)
         store_config = StoreConfig.checked(store, block_size, max_memory, num_blocks)
-        tiers = TierConfig(
-            host_memory,
-            disk,
-            disk_size,
-            remote,
-            tier_secret,
-            remote_min_tokens,
-            key_prefix,
-            remote_ttl,
-            remote_timeout,
+        tiers = TierConfig.checked(
+            host_memory=host_memory,
+            disk=disk,
+            disk_size=disk_size,
+            remote=remote,
+            remote_min_tokens=remote_min_tokens,
+            key_prefix=key_prefix,
+            remote_ttl=remote_ttl,
+            remote_timeout=remote_timeout,
+            tier_secret=tier_secret,
+            **tier_options,
         )
         self.fallback: str | None = unsupported_reason(model)
         self.store: BlockStore | None = None

@@ -2,48 +2,31 @@
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .layers import PrefixFullLayer, PrefixSlidingLayer
 from .layout import LayerLayout, known_layout, predict_layout, probe_layout
 from .store import BlockStore
-from .tiers.setup import make_tiers, remote_tier_options
+from .tiers.setup import given_arguments, make_tiers
 from .validation import positive_int
 
 
 @dataclass(frozen=True)
 class TierConfig:
-    """The lower tiers a store is given (``PrefixCache``'s tier arguments); none given: no tiers."""
+    """The lower tiers a store is given: ``PrefixCache``'s tier arguments by name (``registry.KINDS``),
+    checked when made; none given: no tiers."""
 
-    host_memory: int | str | None = None
-    disk: str | os.PathLike | None = None
-    disk_size: int | str | None = None
-    remote: str | None = None
-    tier_secret: str | bytes | None = None
-    remote_min_tokens: int | None = None
-    key_prefix: str | None = None
-    remote_ttl: float | None = None
-    remote_timeout: float | None = None
+    arguments: dict = field(default_factory=dict)
+
+    @classmethod
+    def checked(cls, **arguments) -> TierConfig:
+        return cls(given_arguments(arguments))
 
     @property
     def wanted(self) -> bool:
-        return any(
-            x is not None
-            for x in (self.host_memory, self.disk, self.disk_size, self.remote, self.tier_secret)
-        )
-
-    def remote_options(self) -> dict:
-        """The remote tier's options that were given; an error if any is given without ``remote=``."""
-        return remote_tier_options(
-            self.remote,
-            min_tokens=self.remote_min_tokens,
-            key_prefix=self.key_prefix,
-            ttl=self.remote_ttl,
-            timeout=self.remote_timeout,
-        )
+        return bool(self.arguments)
 
 
 @dataclass(frozen=True)
@@ -83,24 +66,13 @@ def build_store(
 ) -> BlockStore:
     """A store sized for ``layouts`` (or the shared one, checked against them), with its tiers attached."""
     store = _resolve_store(layouts, confirmed, config)
-    remote_options = tiers.remote_options()
     if tiers.wanted:
         if config.store is not None:
             raise ValueError(
                 "tiers belong to the store: pass host_memory=/disk=/remote= to the first "
                 "PrefixCache, and store=cache.store to the others"
             )
-        store.attach_tiers(
-            make_tiers(
-                layouts,
-                tiers.host_memory,
-                tiers.disk,
-                tiers.disk_size,
-                tiers.remote,
-                tiers.tier_secret,
-                **remote_options,
-            )
-        )
+        store.attach_tiers(make_tiers(layouts, tiers.arguments))
     return store
 
 

@@ -92,3 +92,9 @@ def format_bytes(size: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} TiB"
+
+
+def suggested_size(available: int) -> str:
+    """Half of ``available`` in whole GiB (or MiB), a size that leaves room for everything else."""
+    half = available // 2
+    return f"{half >> 30}GiB" if half >= 1 << 30 else f"{max(1, half >> 20)}MiB"

@@ -53,7 +53,7 @@ class TierStack:
             raise ValueError("a TierStack needs at least one tier")
         self.store = store
         self.tiers = list(tiers)
-        self.host = next((tier for tier in self.tiers if tier.name == "host"), None)
+        self.host = next((tier for tier in self.tiers if tier.write_back), None)  # the write-back target
         self.write_through = [tier for tier in self.tiers if tier is not self.host]
         self._origins: dict[int, _Origin] = {}
         self._namespaces: dict[tuple[str, tuple], bytes] = {}

@@ -81,6 +81,9 @@ class Tier(ABC):
     """A store of blocks below the device pool. Subclasses implement the five operations below."""
 
     name: str = "tier"
+    # True: the tier receives the blocks the pool evicts (write-back; the host tier). False: it receives
+    # every block the pool publishes, in the background (write-through; disk, remote).
+    write_back: bool = False
 
     def __init__(self) -> None:
         self.counters = TierCounters()

@@ -29,6 +29,7 @@ import contextlib
 import errno
 import logging
 import os
+import shutil
 import stat
 import threading
 import time
@@ -38,9 +39,10 @@ from pathlib import Path
 import torch
 
 from ..layout import LayerLayout
-from ..memory import parse_bytes
+from ..memory import format_bytes, parse_bytes, suggested_size
 from .base import BlockData, BlockRequest, Tier
 from .entry import EntryError, TierKey, decode, encode, size_bounds
+from .kind import TierKind
 from .writer import EXIT_FLUSH_S, BackgroundWriter
 
 logger = logging.getLogger(__name__)
@@ -284,3 +286,46 @@ class DiskTier(Tier):
             return
         self.writer.close(timeout)
         self._closed = True
+
+
+def check_disk_size(disk: str | os.PathLike, disk_size: int | str | None) -> None:
+    """Refuse, with the fix, a disk tier larger than its filesystem can hold: the free space plus the
+    entries already in the folder (which the limit counts)."""
+    size = parse_bytes(disk_size if disk_size is not None else DEFAULT_DISK_SIZE, "disk_size")
+    if disk_size is None:
+        return  # the default is capped by the filesystem in practice; only an explicit size is checked
+    folder = Path(disk).expanduser()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        return  # the disk tier reports an unusable folder itself
+    if size <= free:
+        return
+    held = _entry_bytes(folder)
+    if size > free + held:
+        raise ValueError(
+            f"disk_size={disk_size!r} ({format_bytes(size)}) is more than the {format_bytes(free + held)} the "
+            f"filesystem of {folder} can hold (free space plus entries already there); pass a smaller "
+            f"disk_size= (e.g. '{suggested_size(free + held)}') or another disk= folder"
+        )
+
+
+def _entry_bytes(folder: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += (Path(root) / name).stat().st_size
+    return total
+
+
+def build(disk: str | os.PathLike, *, layouts: list[LayerLayout], key=None, size=None) -> DiskTier:
+    """The disk tier of ``PrefixCache(disk=..., disk_size=...)``."""
+    check_disk_size(disk, size)
+    return DiskTier(disk, layouts, size=size, key=key)
+
+
+DISK = TierKind("disk", "disk", "the folder of the disk tier", build, {"disk_size": "size"}, shared=True)

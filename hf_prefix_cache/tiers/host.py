@@ -13,12 +13,15 @@ from collections.abc import Sequence
 
 import torch
 
-from ..memory import parse_bytes
+from ..layout import LayerLayout
+from ..memory import available_bytes, format_bytes, parse_bytes, suggested_size
 from .base import BlockData, BlockRequest, Tier
+from .kind import TierKind
 
 
 class HostTier(Tier):
     name = "host"
+    write_back = True
 
     def __init__(self, capacity: int | str, *, pin_memory: bool = False):
         super().__init__()
@@ -100,3 +103,23 @@ class HostTier(Tier):
             for key in doomed:
                 self.used -= self._entries.pop(key).nbytes
         return len(doomed)
+
+
+def check_host_memory(host_memory: int | str) -> None:
+    """Refuse, with the fix, a host tier larger than the RAM available now."""
+    size = parse_bytes(host_memory, "host_memory")
+    free = available_bytes(torch.device("cpu"))
+    if free is not None and size > free:
+        raise ValueError(
+            f"host_memory={host_memory!r} ({format_bytes(size)}) is more than the {format_bytes(free)} of RAM "
+            f"available; pass a smaller host_memory= (e.g. '{suggested_size(free)}'), or drop it"
+        )
+
+
+def build(host_memory: int | str, *, layouts: list[LayerLayout], key=None) -> HostTier:
+    """The host tier of ``PrefixCache(host_memory=...)``: pinned when the pool is on CUDA."""
+    check_host_memory(host_memory)
+    return HostTier(host_memory, pin_memory=any(layout.device.type == "cuda" for layout in layouts))
+
+
+HOST = TierKind("host", "host_memory", "a size such as '8GiB'", build)

@@ -38,6 +38,7 @@ from ..layout import LayerLayout
 from ..memory import parse_bytes
 from .base import BlockData, BlockRequest, Tier, TierCounters
 from .entry import EntryError, TierKey, decode, encode
+from .kind import TierKind
 from .writer import EXIT_FLUSH_S, BackgroundWriter
 
 logger = logging.getLogger(__name__)
@@ -369,3 +370,23 @@ class RemoteTier(Tier):
 def _redact(url: str) -> str:
     """The URL without its password, for messages."""
     return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
+
+
+def build(remote: str, *, layouts: list[LayerLayout], key=None, **options) -> RemoteTier:
+    """The remote tier of ``PrefixCache(remote=..., remote_min_tokens=..., ...)``."""
+    return RemoteTier(remote, layouts, key=key, **options)
+
+
+REMOTE = TierKind(
+    "remote",
+    "remote",
+    "a redis:// URL",
+    build,
+    {
+        "remote_min_tokens": "min_tokens",
+        "key_prefix": "key_prefix",
+        "remote_ttl": "ttl",
+        "remote_timeout": "timeout",
+    },
+    shared=True,
+)

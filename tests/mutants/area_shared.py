@@ -58,14 +58,14 @@ def size_not_checked_before_checksum() -> None:
 def host_memory_not_validated() -> None:
     """host_memory is taken as given, however much more than the machine's RAM it is."""
     replace_function(
-        "hf_prefix_cache.tiers.setup", "check_host_memory", lambda original: lambda host_memory: None
+        "hf_prefix_cache.tiers.host", "check_host_memory", lambda original: lambda host_memory: None
     )
 
 
 def disk_size_not_validated() -> None:
     """disk_size is taken as given, however much more than the filesystem can hold it is."""
     replace_function(
-        "hf_prefix_cache.tiers.setup", "check_disk_size", lambda original: lambda disk, disk_size: None
+        "hf_prefix_cache.tiers.disk", "check_disk_size", lambda original: lambda disk, disk_size: None
     )
 
 
