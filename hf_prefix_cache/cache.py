@@ -28,6 +28,7 @@ from .call import (
     captured_slots,
     check_module,
     inside_generate,
+    layout_problem,
     unprepared,
 )
 from .construction import StoreConfig, TierConfig, build_store, model_layouts, prefix_layers
@@ -37,12 +38,7 @@ from .generation import Served
 from .generation import install as install_generate
 from .identity import Identity
 from .layers import PrefixLayer
-from .layout import (
-    UnsupportedLayout,
-    describe_layers,
-    probe_layout,
-    remember_layout,
-)
+from .layout import UnsupportedLayout
 from .placement import place_prefix, reserve_room
 from .prompt_rows import as_batch, split_rows
 from .reasons import (
@@ -255,7 +251,9 @@ class PrefixCache(DynamicCache, Served):
                         call, slots, sequences if replies else None, verified, self.namespace
                     )
                 if problem is None and isinstance(slots, int) and slots > call.loaded:
-                    problem = self._layout_problem()
+                    problem, for_good = layout_problem(self.layers, self.store, self.model)
+                    if for_good:
+                        self._fall_back(problem)
                 if problem is not None:
                     if self.store is not None:  # else the call just turned prefix reuse off, and said so
                         self._refuse(problem)
@@ -268,37 +266,7 @@ class PrefixCache(DynamicCache, Served):
             stats.store_s = time.perf_counter() - started
         return stats
 
-    # -- what the store accepts --------------------------------------------------------------------
-    def _layout_problem(self) -> str | None:
-        """Why this call's K/V do not fit the store's layout; the first call confirms a predicted one.
-
-        A prediction the call contradicts is settled by a probe forward, never by the call: its K/V may
-        be unusual (autocast, a hook) rather than the prediction wrong.
-        """
-        try:
-            observed = describe_layers(self.layers)
-        except UnsupportedLayout as error:
-            return str(error)
-        store = self.store
-        if not store.confirmed:
-            if observed == store.layouts:
-                truth = observed
-                remember_layout(self.model, observed)
-            else:
-                try:
-                    truth = probe_layout(self.model)
-                except UnsupportedLayout as error:
-                    self._fall_back(str(error))
-                    return str(error)
-            if (problem := store.confirm(truth)) is not None:
-                return problem
-        if observed != store.layouts:
-            return (
-                "its K/V differ in shape, dtype or device from what the model computes by default "
-                "(autocast, a cast in a hook?)"
-            )
-        return None
-
+    # -- turning reuse off ------------------------------------------------------------------------
     def _fall_back(self, reason: str) -> None:
         """Turn prefix reuse off for good: every later call recomputes (a first call found the reason)."""
         self.fallback, self.store = reason, None

@@ -3,7 +3,7 @@
 A call runs from ``prepare`` to ``release`` on one thread (``Ownership``); ``CallState`` holds its prompt
 rows and the references it took; ``update`` accepts K/V only from the cache's model (``check_module``)
 and only inside a prepared call (``inside_generate``, ``unprepared``); ``captured_slots`` says how many
-slots the layers hold for ``commit``.
+slots the layers hold for ``commit``; ``layout_problem`` whether their K/V fit the store.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from transformers.generation.utils import GenerationMixin
 
 from .identity import root_of
+from .layout import UnsupportedLayout, describe_layers, probe_layout, remember_layout
 from .prompt_rows import PromptRow
 from .reasons import BUSY, MERGED, UNPREPARED
 
@@ -141,3 +142,33 @@ def inside_generate() -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def layout_problem(layers: list, store, model: torch.nn.Module) -> tuple[str | None, bool]:
+    """Why the K/V ``layers`` captured do not fit ``store``'s layout (None: they fit), and whether that
+    ends reuse for good. The first call confirms a store whose layout was predicted from the config.
+
+    A prediction the call contradicts is settled by a probe forward, never by the call: its K/V may be
+    unusual (autocast, a hook) rather than the prediction wrong.
+    """
+    try:
+        observed = describe_layers(layers)
+    except UnsupportedLayout as error:
+        return str(error), False
+    if not store.confirmed:
+        if observed == store.layouts:
+            truth = observed
+            remember_layout(model, observed)
+        else:
+            try:
+                truth = probe_layout(model)
+            except UnsupportedLayout as error:
+                return str(error), True
+        if (problem := store.confirm(truth)) is not None:
+            return problem, False
+    if observed != store.layouts:
+        return (
+            "its K/V differ in shape, dtype or device from what the model computes by default "
+            "(autocast, a cast in a hook?)"
+        ), False
+    return None, False
