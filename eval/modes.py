@@ -16,7 +16,6 @@ end-to-end time and, where the mode can tell, how many prompt tokens it reused.
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 import math
 import re
@@ -31,7 +30,7 @@ import torch
 from transformers import ContinuousBatchingConfig, DynamicCache, GenerationConfig
 
 import hf_prefix_cache
-from hf_prefix_cache import PrefixCache
+from hf_prefix_cache import CACHE_KWARG, PrefixCache
 
 from .config import BASELINE, PREFIX_CACHE, redact_url
 from .timing import FirstTokenTimer
@@ -98,11 +97,6 @@ def greedy_config(model: torch.nn.Module, max_new_tokens: int) -> GenerationConf
     config.max_length = None
     config.cache_implementation = None
     return config
-
-
-def cache_kwarg(model: torch.nn.Module) -> str:
-    """``cache`` from transformers 5.24, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def shown_tiers(tiers: dict[str, Any]) -> dict[str, Any]:
@@ -218,7 +212,7 @@ class DeepcopyRecipe(Mode):
 
         def prefill() -> None:
             with torch.no_grad():
-                self.model(input_ids=input_ids, use_cache=True, **{cache_kwarg(self.model): cache})
+                self.model(input_ids=input_ids, use_cache=True, **{CACHE_KWARG: cache})
 
         self.context.call(prefill)
         self.prefix_cache = cache
@@ -237,7 +231,7 @@ class DeepcopyRecipe(Mode):
             self.fallbacks += 1
             tokens, ttft, e2e = self._timed_generate(prompt_ids)
             return Generation(tokens, ttft, e2e, 0, note="prompt does not start with the prefix: recomputed")
-        key = cache_kwarg(self.model)
+        key = CACHE_KWARG
         # the copy is part of every call's cost, so it happens inside the timed region
         tokens, ttft, e2e = self._timed_generate(prompt_ids, lambda: {key: copy.deepcopy(self.prefix_cache)})
         return Generation(tokens, ttft, e2e, len(self.context.recipe_prefix))
@@ -351,7 +345,7 @@ class PrefixCacheMode(Mode):
         self.cache.reset_stats()
 
     def generate(self, prompt_ids: list[int]) -> Generation:
-        key = cache_kwarg(self.model)
+        key = CACHE_KWARG
         tokens, ttft, e2e = self._timed_generate(prompt_ids, lambda: {key: self.cache})
         last = self.cache.last_call
         return Generation(
