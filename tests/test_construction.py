@@ -16,7 +16,7 @@ from exact import assert_same_output, greedy
 from tiny_models import random_ids, tiny_model
 
 from hf_prefix_cache import PrefixCache, PrefixCacheFallbackWarning, construction, parse_bytes
-from hf_prefix_cache import cache as cache_module
+from hf_prefix_cache import call as call_module
 from hf_prefix_cache.compat import CACHE_KWARG
 from hf_prefix_cache.layout import UnsupportedLayout, run_probe
 
@@ -167,7 +167,7 @@ def test_a_layout_the_first_call_finds_unservable_turns_reuse_off_with_one_warni
     def unservable(model):
         raise UnsupportedLayout("layer 1 stored no per-token K/V during a forward pass")
 
-    monkeypatch.setattr(cache_module, "probe_layout", unservable)
+    monkeypatch.setattr(call_module, "probe_layout", unservable)
     cache = PrefixCache(model, block_size=4, num_blocks=64)
     prompt = random_ids(21, seed=3)
     with warnings.catch_warnings(record=True) as records:
