@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from exactness import (
-    STRATEGIES,
-    model_for,
-    quiet_single_thread,  # noqa: F401 (an autouse fixture)
-    run_batch_scenario,
-    run_single_scenario,
-)
+from support.models import model_for
+from support.scenarios import STRATEGIES, run_batch_scenario, run_single_scenario
+
+# one intra-op thread and no deprecation noise (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("quiet_single_thread")
 
 FAMILIES = [
     "llama",
