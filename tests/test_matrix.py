@@ -1,5 +1,6 @@
 """Exactness matrix: generate() with a PrefixCache equals generate() without one, token for token and
-logit for logit, while really reusing the stored prefix (see exactness.py for what each call checks).
+logit for logit, while really reusing the stored prefix (see support/scenarios.py and support/oracle.py
+for what each call checks).
 
 Covering subset, not the cartesian product:
 - every family (and the sliding variants of Qwen2/Qwen3/Phi3) x greedy, single row and left-padded batch;
