@@ -7,30 +7,17 @@ import warnings
 
 import pytest
 import torch
-from exactness import (
-    GEN,
-    STRATEGIES,
-    StopOnResidue,
-    StoredPrefixes,
-    assert_exact,
-    assert_reused,
-    cat,
-    char_tokenizer,
-    compare,
-    left_pad,
-    logit_tolerance,
-    max_logit_diff,
-    model_for,
-    new_tokens,
-    quiet_single_thread,  # noqa: F401 (an autouse fixture)
-    record_stored,
-    run_single_scenario,
-    stored_sequences,
-)
-from tiny_models import DECODER, EOS, PAD, random_ids, tiny_config
+from support.assertions import assert_exact, logit_tolerance, max_logit_diff
+from support.calls import GEN, compare
+from support.models import DECODER, EOS, PAD, char_tokenizer, model_for, random_ids, tiny_config, tiny_model
+from support.oracle import StoredPrefixes, assert_reused, record_stored, stored_sequences
+from support.scenarios import STRATEGIES, StopOnResidue, cat, left_pad, new_tokens, run_single_scenario
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Phi3Config, StoppingCriteriaList
 
 from hf_prefix_cache import PrefixCache, PrefixCacheFallbackWarning
+
+# one intra-op thread and no deprecation noise (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("quiet_single_thread")
 
 GREEDY = dict(do_sample=False, max_new_tokens=8)
 CAUGHT = r"logit diff|differs|not a near tie"  # what assert_exact says when cached and no-cache runs differ
@@ -336,8 +323,7 @@ def test_stop_strings_with_a_tokenizer():
 def test_accelerate_offloaded_model(offload, tmp_path):
     import accelerate
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+    model = tiny_model("llama")
     plain = model_for("llama")  # same seed and config: same weights, not dispatched
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
     if offload == "disk":
@@ -654,11 +640,6 @@ def test_exception_inside_generate_releases_everything(family):
 
 
 # -- the model changes after the cache was made ----------------------------------------------------------------------
-def _weights_of(seed: int):
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
-
-
 @pytest.mark.parametrize(
     "how",
     [
@@ -669,7 +650,7 @@ def _weights_of(seed: int):
     ],
 )
 def test_weight_update_after_caching_is_noticed(how):
-    model, other = _weights_of(0), _weights_of(1).state_dict()
+    model, other = tiny_model("llama", seed=0), tiny_model("llama", seed=1).state_dict()
     cache = PrefixCache(model, block_size=4, num_blocks=64)
     prompt = random_ids(30, 21)
     model.generate(prompt, cache=cache, **GREEDY)
@@ -691,7 +672,7 @@ def test_weight_update_after_caching_is_noticed(how):
 
 def test_dtype_change_after_caching():
     """The stored float32 K/V cannot serve a bf16 model: the call falls back, exactly, and says why."""
-    model = _weights_of(0)
+    model = tiny_model("llama", seed=0)
     cache = PrefixCache(model, block_size=4, num_blocks=64)
     prompt = random_ids(30, 22)
     model.generate(prompt, cache=cache, **GREEDY)
@@ -706,8 +687,8 @@ def test_dtype_change_after_caching():
 def test_offloaded_models_sharing_a_store_do_not_share_blocks():
     import accelerate
 
-    first = accelerate.cpu_offload(_weights_of(0), execution_device=torch.device("cpu"))
-    second = accelerate.cpu_offload(_weights_of(1), execution_device=torch.device("cpu"))
+    first = accelerate.cpu_offload(tiny_model("llama", seed=0), execution_device=torch.device("cpu"))
+    second = accelerate.cpu_offload(tiny_model("llama", seed=1), execution_device=torch.device("cpu"))
     cache = PrefixCache(first, block_size=4, num_blocks=64)
     view = PrefixCache(second, store=cache.store)
     prompt = random_ids(30, 23)

@@ -8,15 +8,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from exactness import (
-    GEN,
-    assert_beams_match,
-    logit_tolerance,
-    model_for,
-    quiet_single_thread,  # noqa: F401 (an autouse fixture)
-    replay_beams,
-)
-from tiny_models import EOS, random_ids
+from support.assertions import assert_beams_match, logit_tolerance, replay_beams
+from support.calls import GEN
+from support.models import EOS, model_for, random_ids
+
+# one intra-op thread and no deprecation noise (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("quiet_single_thread")
 
 TOL = 0.01
 VOCAB = 8

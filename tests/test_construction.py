@@ -12,8 +12,8 @@ import weakref
 
 import pytest
 import torch
-from exact import assert_same_output, greedy
-from tiny_models import random_ids, tiny_model
+from support.exact import assert_same_output, greedy
+from support.models import random_ids, tiny_model
 
 from hf_prefix_cache import PrefixCache, PrefixCacheFallbackWarning, construction, parse_bytes
 from hf_prefix_cache import call as call_module

@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from exact import assert_same_output, greedy
-from tiny_models import random_ids, tiny_model
+from support.exact import assert_same_output, greedy, run
+from support.models import random_ids, tiny_model
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 import hf_prefix_cache
 from hf_prefix_cache import PrefixCache
-from hf_prefix_cache.compat import CACHE_KWARG
 
 BLOCK = 4
-
-
-@pytest.fixture
-def model():
-    return tiny_model("llama")
-
-
-def run(model, cache, ids, **kwargs):
-    return greedy(model, ids, **{CACHE_KWARG: cache}, **kwargs)
 
 
 class Explode(StoppingCriteria):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from exact import PrefillRecorder, assert_same_output, greedy
-from tiny_models import random_ids, tiny_model
+from support.exact import PrefillRecorder, assert_same_output, greedy
+from support.models import random_ids, tiny_model
 
 from hf_prefix_cache import PrefixCache
 from hf_prefix_cache.compat import CACHE_KWARG

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from exact import assert_same_output, greedy
-from tiny_models import random_ids, tiny_model
+from support.exact import assert_same_output, greedy
+from support.models import random_ids, tiny_model
 from transformers import CompileConfig, StoppingCriteria, StoppingCriteriaList
 
 from hf_prefix_cache import PrefixCache, decode_masks

@@ -12,9 +12,8 @@ import math
 import pandas as pd
 import pytest
 import torch
-from exactness import StoredPrefixes
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from support.chat import SYSTEM, chat_model, tiny_tokenizer
+from support.oracle import StoredPrefixes
 
 from hf_prefix_cache_eval import runner
 from hf_prefix_cache_eval.__main__ import main
@@ -32,54 +31,6 @@ from hf_prefix_cache_eval.modes import MODES, greedy_config, trim_at_stop
 from hf_prefix_cache_eval.replay import Replay, render_prompt
 from hf_prefix_cache_eval.report import format_report
 from hf_prefix_cache_eval.runner import recipe_prefix, run_evaluation
-
-SPECIALS = ["<pad>", "<s>", "<|im_end|>", "<|im_start|>", "<unk>"]
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-SYSTEM = "You are a tiny assistant for tests. Answer briefly and politely, always."  # > 4 blocks of 16
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character (printable ASCII and newline) plus ChatML specials; no download."""
-    vocab = {token: i for i, token in enumerate(SPECIALS + [chr(i) for i in range(32, 127)] + ["\n"])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="<|im_end|>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
-    tokenizer.chat_template = CHATML
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
-def tiny_model(vocab_size: int):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        initializer_range=0.1,  # outputs depend on context, so a wrong cache shows
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = 2
-    return model
-
 
 CONVERSATIONS = [
     {"id": "a", "conversations": [
@@ -105,7 +56,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    return tiny_model(len(tokenizer))
+    return chat_model(len(tokenizer))
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from redis_server import RedisServer
-from test_eval_harness import SYSTEM, tiny_model, tiny_tokenizer
+from support.chat import SYSTEM, chat_model, tiny_tokenizer
 
 from hf_prefix_cache_eval import runner, subruns
 from hf_prefix_cache_eval.__main__ import main
@@ -31,7 +30,7 @@ CONVERSATIONS = [
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaltiers")
     tokenizer = tiny_tokenizer()
-    model = tiny_model(len(tokenizer))
+    model = chat_model(len(tokenizer))
     folder = root / "tiny-model"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -40,12 +39,6 @@ def setup(tmp_path_factory):
     system = root / "system.txt"
     system.write_text(SYSTEM, encoding="utf-8")
     return root, folder, dataset, system
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:  # fails (not skips) without redis-server
-        yield server
 
 
 def cli_run(setup, name: str, *options: str):
@@ -78,11 +71,11 @@ def restart_run(setup):
 
 
 @pytest.fixture(scope="module")
-def workers_run(setup, server):
+def workers_run(setup, module_server):
     """Two worker processes through one redis-server, staggered: worker1 starts after worker0's first turn
     is on the server, so its first turn can hit the shared system prompt there."""
     return cli_run(
-        setup, "workers", "--remote", server.url, "--remote-min-tokens", "0", "--workers", "2",
+        setup, "workers", "--remote", module_server.url, "--remote-min-tokens", "0", "--workers", "2",
         "--worker-start", "staggered",
     )  # fmt: skip
 
@@ -163,12 +156,12 @@ def test_report_and_results_json_carry_the_other_processes(fixture, modes, reque
         assert payload["config"]["remote"].startswith("redis://127.0.0.1:")
 
 
-def test_remote_alone_gives_the_single_process_mode_the_redis_tier(setup, server):
+def test_remote_alone_gives_the_single_process_mode_the_redis_tier(setup, module_server):
     """``--remote`` without ``--workers``: the prefix_cache mode stores into the server, under this run's
     own key prefix (its warm-up clear cannot touch anyone else's keys), and stays exact."""
-    client = server.client()
+    client = module_server.client()
     client.set(b"someone-else:key", b"kept")
-    results = cli_run(setup, "remote", "--remote", server.url, "--remote-min-tokens", "0")
+    results = cli_run(setup, "remote", "--remote", module_server.url, "--remote-min-tokens", "0")
     stats = results.modes["prefix_cache"]["stats"]
     assert stats["tiers"]["remote"]["puts"] > 0 and stats["tier_errors"] == 0
     assert results.summary_frame().loc["prefix_cache", "mismatches"] == 0

@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 import torch
-from exactness import GEN, assert_exact, compare, model_for
-from exactness import quiet_single_thread as quiet_single_thread  # an autouse fixture
-from tiny_models import DECODER, EOS, PAD, random_ids
+from support.assertions import assert_exact
+from support.calls import GEN, compare
+from support.models import DECODER, EOS, PAD, model_for, random_ids
 from transformers import (
     BartConfig,
     BartForConditionalGeneration,
@@ -22,6 +22,9 @@ from transformers import (
 )
 
 from hf_prefix_cache import PrefixCache, PrefixCacheFallbackWarning
+
+# one intra-op thread and no deprecation noise (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("quiet_single_thread")
 
 GREEDY = dict(do_sample=False, max_new_tokens=6)
 IMAGE_TOKEN = 95

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from exact import assert_same_output, greedy
-from tiny_models import random_ids, tiny_model
+from support.exact import assert_same_output, greedy
+from support.models import random_ids, tiny_model
+from support.workers import run_worker
 
 import hf_prefix_cache.fingerprint as fingerprint
 from hf_prefix_cache import PrefixCache
@@ -74,8 +75,6 @@ def test_one_weight_element_edited_in_another_model_object_misses_through_the_di
 
 def test_a_second_process_with_one_weight_element_edited_shares_no_blocks(tmp_path):
     """Processes, not objects: the edited checkpoint misses the folder, the original hits it."""
-    from test_tiers_processes import run_worker
-
     folder = tmp_path / "kv"
     filled = run_worker("generate", folder, "llama:0:", 21)
     assert filled["calls"][0]["equal"] and list(folder.rglob("*.kvb"))

@@ -1,5 +1,6 @@
 """Exactness matrix: generate() with a PrefixCache equals generate() without one, token for token and
-logit for logit, while really reusing the stored prefix (see exactness.py for what each call checks).
+logit for logit, while really reusing the stored prefix (see support/scenarios.py and support/oracle.py
+for what each call checks).
 
 Covering subset, not the cartesian product:
 - every family (and the sliding variants of Qwen2/Qwen3/Phi3) x greedy, single row and left-padded batch;
@@ -13,13 +14,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from exactness import (
-    STRATEGIES,
-    model_for,
-    quiet_single_thread,  # noqa: F401 (an autouse fixture)
-    run_batch_scenario,
-    run_single_scenario,
-)
+from support.models import model_for
+from support.scenarios import STRATEGIES, run_batch_scenario, run_single_scenario
+
+# one intra-op thread and no deprecation noise (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("quiet_single_thread")
 
 FAMILIES = [
     "llama",

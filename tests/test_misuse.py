@@ -13,37 +13,15 @@ import warnings
 
 import pytest
 import torch
-from exact import assert_same_output, greedy
-from tiny_models import BOS, random_ids, tiny_model
+from support.exact import assert_same_output, assert_store_not_poisoned, fallback_warnings, greedy, run
+from support.models import BOS, random_ids, tiny_model
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 import hf_prefix_cache
-from hf_prefix_cache import BlockStore, PrefixCache, PrefixCacheFallbackWarning, parse_bytes
+from hf_prefix_cache import PrefixCache, PrefixCacheFallbackWarning, parse_bytes
 from hf_prefix_cache.compat import CACHE_KWARG
 
 BLOCK = 4
-
-
-@pytest.fixture
-def model():
-    return tiny_model("llama")
-
-
-def run(model, cache, ids, **kwargs):
-    return greedy(model, ids, **{CACHE_KWARG: cache}, **kwargs)
-
-
-def assert_store_not_poisoned(model, store: BlockStore, prompt: torch.Tensor, **kwargs) -> None:
-    """A fresh view's correct call equals plain generate() and reuses what is stored; nothing is pinned."""
-    view = PrefixCache(model, store=store)
-    expected, actual = greedy(model, prompt, **kwargs), run(model, view, prompt, **kwargs)
-    assert_same_output(expected, actual)
-    assert view.last_call.hit_tokens > 0  # the check reads the store, so poisoned K/V would show
-    assert store.pool.num_referenced == 0
-
-
-def fallback_warnings(record) -> list:
-    return [w for w in record if issubclass(w.category, PrefixCacheFallbackWarning)]
 
 
 class Hold(StoppingCriteria):

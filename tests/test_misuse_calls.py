@@ -13,18 +13,14 @@ import warnings
 
 import pytest
 import torch
-from exact import assert_same_output, greedy
-from test_misuse import BLOCK, assert_store_not_poisoned, fallback_warnings, run
-from tiny_models import PAD, random_ids, tiny_model
+from support.exact import assert_same_output, assert_store_not_poisoned, fallback_warnings, greedy, run
+from support.models import PAD, random_ids, tiny_model
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from hf_prefix_cache import PrefixCache, PrefixCacheFallbackWarning
 from hf_prefix_cache.compat import CACHE_KWARG
 
-
-@pytest.fixture
-def model():
-    return tiny_model("llama")
+BLOCK = 4
 
 
 def stored_prompt(model, length: int = 30, seed: int = 60):

@@ -10,19 +10,14 @@ import warnings
 import peft
 import pytest
 import torch
-from exact import assert_same_output, greedy
-from tiny_models import random_ids, tiny_model
+from support.exact import assert_same_output, greedy
+from support.models import random_ids, tiny_model
 
 from hf_prefix_cache import PrefixCache
 from hf_prefix_cache.compat import CACHE_KWARG
 from hf_prefix_cache.memory import available_bytes
 
 BLOCK = 4
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("llama").eval()
 
 
 def test_a_host_tier_larger_than_the_available_ram_is_refused(model):

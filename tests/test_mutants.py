@@ -1,4 +1,5 @@
-"""Every curated mutant (tests/mutants/catalog.py) is killed: each of its tests fails under it.
+"""Every curated mutant (tests/mutants/area_*.py, collected by mutants.catalog) is killed: each of its
+tests fails under it.
 
 ``mutants.runner`` runs the mutants, one per core at a time, each in its own forked process that applies it
 (``mutants.plugin``) and runs its tests. A mutant counts as killed only when it was applied, collection

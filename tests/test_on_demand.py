@@ -10,8 +10,8 @@ import sys
 
 import pytest
 import torch
-from exact import assert_same_output, greedy
-from tiny_models import random_ids, tiny_model
+from support.exact import assert_same_output, greedy
+from support.models import random_ids, tiny_model
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from hf_prefix_cache import PrefixCache

@@ -8,9 +8,9 @@ import warnings
 import peft
 import pytest
 import torch
-from exact import assert_same_output, greedy
 from peft.tuners.tuners_utils import BaseTunerLayer
-from tiny_models import random_ids, tiny_model
+from support.exact import assert_same_output, greedy
+from support.models import random_ids, tiny_model
 
 from hf_prefix_cache import PrefixCache
 from hf_prefix_cache.adapters import adapter_namespace

@@ -11,8 +11,9 @@ import warnings
 
 import pytest
 import torch
-from redis_server import RedisServer
-from tier_helpers import (
+from support.models import random_ids, tiny_model
+from support.redis_server import RedisServer
+from support.tiers import (
     BLOCK,
     LAYOUT,
     NAMESPACE,
@@ -23,7 +24,6 @@ from tier_helpers import (
     synthetic_chain,
     tier_ns,
 )
-from tiny_models import random_ids, tiny_model
 
 from hf_prefix_cache import BlockStore, PrefixCache, hashing
 from hf_prefix_cache.compat import CACHE_KWARG

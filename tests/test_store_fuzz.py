@@ -17,10 +17,10 @@ from unittest import mock
 
 import pytest
 import torch
-from exact import assert_same_output, greedy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_models import random_ids, tiny_model
+from support.exact import assert_same_output, greedy
+from support.models import random_ids, tiny_model
 from transformers import DynamicCache
 
 from hf_prefix_cache import PrefixCache, hashing

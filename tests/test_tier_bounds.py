@@ -8,8 +8,8 @@ import mmap
 import struct
 
 import pytest
-from redis_server import RedisServer
-from tier_helpers import BLOCK, LAYOUT, synthetic_chain, tier_ns
+from support.redis_server import RedisServer
+from support.tiers import BLOCK, LAYOUT, synthetic_chain, tier_ns
 
 from hf_prefix_cache.tiers import DiskTier, EntryError, TierWarning, decode, encode
 from hf_prefix_cache.tiers import entry as entry_module

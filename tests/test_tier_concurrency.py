@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 
 import torch
-from tier_helpers import BLOCK, LAYOUT, make_store, match, slot_values, store_tokens
+from support.tiers import BLOCK, LAYOUT, make_store, match, slot_values, store_tokens
 
 from hf_prefix_cache.tiers import HostTier
 

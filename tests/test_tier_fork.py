@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 
-from tier_helpers import BLOCK, LAYOUT, synthetic_chain, tier_ns
+from support.tiers import BLOCK, LAYOUT, synthetic_chain, tier_ns
 
 from hf_prefix_cache.tiers import DiskTier
 from hf_prefix_cache.tiers import disk as disk_module

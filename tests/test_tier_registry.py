@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import pytest
 import torch
-from tiny_models import random_ids, tiny_model
+from support.models import random_ids, tiny_model
 
 from hf_prefix_cache import CACHE_KWARG, PrefixCache
 from hf_prefix_cache.tiers import BlockData, BlockRequest, Tier, registry

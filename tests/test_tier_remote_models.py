@@ -9,18 +9,10 @@ import warnings
 
 import pytest
 import torch
-from exactness import (
-    STRATEGIES,
-    StoredPrefixes,
-    _call,
-    _check,
-    assert_exact,
-    cat,
-    conversation,
-    model_for,
-    new_tokens,
-)
-from tiny_models import random_ids
+from support.assertions import assert_exact
+from support.models import model_for, random_ids
+from support.oracle import StoredPrefixes
+from support.scenarios import STRATEGIES, cat, check_call, conversation, new_tokens, run_call
 
 from hf_prefix_cache import PrefixCache
 from hf_prefix_cache.tiers import TierWarning
@@ -39,15 +31,15 @@ def test_a_new_store_hits_the_server_exactly_as_the_oracle_says(family, server):
     writer = remote_cache(model, server)
     oracle = StoredPrefixes(4)
     first = random_ids(30, 0)
-    _check(_call(model, writer, GREEDY, first), oracle, GREEDY, torch.float32, "cold")
-    turn = _call(model, writer, GREEDY, cat(first[:, :22], new_tokens(10, 1)))
-    _check(turn, oracle, GREEDY, torch.float32, "second turn")
+    check_call(run_call(model, writer, GREEDY, first), oracle, GREEDY, torch.float32, "cold")
+    turn = run_call(model, writer, GREEDY, cat(first[:, :22], new_tokens(10, 1)))
+    check_call(turn, oracle, GREEDY, torch.float32, "second turn")
     assert writer.flush(30)
 
     reader = remote_cache(model, server)  # its own empty pool: every hit comes from the server
     follow = cat(conversation(turn.out.sequences, 0, 0, turn.width), new_tokens(5, 2))
-    outcome = _call(model, reader, GREEDY, follow)
-    hit = _check(outcome, oracle, GREEDY, torch.float32, "from the server")
+    outcome = run_call(model, reader, GREEDY, follow)
+    hit = check_call(outcome, oracle, GREEDY, torch.float32, "from the server")
     assert hit >= 28 and reader.last_call.hit_tokens_by_tier == {"remote": hit}
     assert reader.stats.hit_tokens_by_tier == {"device": 0, "remote": hit}
     assert reader.stats.tier_errors == 0 and writer.stats.tier_errors == 0
@@ -61,7 +53,7 @@ def test_negative_control_a_wrong_value_that_passed_verification_would_be_caught
     model = model_for("llama")
     prompt = random_ids(30, 3)
     writer = remote_cache(model, server)
-    _call(model, writer, GREEDY, prompt)
+    run_call(model, writer, GREEDY, prompt)
     assert writer.flush(30)
     real_decode = remote_module.decode
 
@@ -73,7 +65,7 @@ def test_negative_control_a_wrong_value_that_passed_verification_would_be_caught
 
     monkeypatch.setattr(remote_module, "decode", noisy_decode)
     reader = remote_cache(model, server)
-    outcome = _call(model, reader, GREEDY, prompt)
+    outcome = run_call(model, reader, GREEDY, prompt)
     assert outcome.hit_tokens == 28
     with pytest.raises(AssertionError):
         assert_exact(outcome.ref, outcome.out)
@@ -94,16 +86,16 @@ def test_other_models_weights_salts_and_key_prefixes_never_hit(server, other):
     prompt = random_ids(41, 5)
     model = model_for("llama", seed=0)
     writer = remote_cache(model, server, cache_salt=None)
-    _call(model, writer, GREEDY, prompt)
+    run_call(model, writer, GREEDY, prompt)
     assert writer.flush(30)
-    control = _call(model, remote_cache(model, server), GREEDY, prompt)
+    control = run_call(model, remote_cache(model, server), GREEDY, prompt)
     assert control.hit_tokens == 40, "positive control: the same set-up does hit"
 
     setup = {**base, **other}
     other_model = model_for(setup["family"], seed=setup["seed"])
     options = {k: setup[k] for k in ("cache_salt", "key_prefix") if setup[k] is not None}
     reader = remote_cache(other_model, server, **options)
-    outcome = _call(other_model, reader, GREEDY, prompt)
+    outcome = run_call(other_model, reader, GREEDY, prompt)
     assert_exact(outcome.ref, outcome.out)
     assert outcome.hit_tokens == 0 and reader.stats.tier_errors == 0
     assert reader.stats.tiers["remote"]["misses"] == 1
@@ -120,7 +112,7 @@ def test_a_server_killed_mid_run_costs_recomputation_only_and_hits_resume_after_
         for index, prompt in enumerate(prompts):
             if index == 2:
                 server.kill()
-            outcome = _call(model, cache, GREEDY, prompt)
+            outcome = run_call(model, cache, GREEDY, prompt)
             assert_exact(outcome.ref, outcome.out, label=f"call {index}")
             cache.store.clear()  # an empty device pool: the next hit could only come from the server
     tier_warnings = [w for w in caught if issubclass(w.category, TierWarning)]
@@ -133,9 +125,9 @@ def test_a_server_killed_mid_run_costs_recomputation_only_and_hits_resume_after_
     while not tier.available():
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    _call(model, cache, GREEDY, prompts[0])  # stores it on the restarted server
+    run_call(model, cache, GREEDY, prompts[0])  # stores it on the restarted server
     assert cache.flush(30)
     cache.store.clear()
-    again = _call(model, cache, GREEDY, prompts[0])
+    again = run_call(model, cache, GREEDY, prompts[0])
     assert_exact(again.ref, again.out)
     assert again.hit_tokens == 28 and cache.last_call.hit_tokens_by_tier == {"remote": 28}

@@ -4,31 +4,19 @@ two processes writing overlapping conversations at once share one server safely.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
-from redis_server import RedisServer
-
-WORKER = str(Path(__file__).parent / "remote_worker.py")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
-@pytest.fixture
-def server(tmp_path):
-    with RedisServer(tmp_path / "redis") as running:
-        yield running
+from support.workers import REMOTE_WORKER, WORKER_ENV
 
 
 def start(*args) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, WORKER, *map(str, args)],
+        [sys.executable, REMOTE_WORKER, *map(str, args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=ENV,
+        env=WORKER_ENV,
     )
 
 

@@ -9,8 +9,8 @@ import time
 
 import pytest
 import torch
-from redis_server import RedisServer
-from tier_helpers import BLOCK, LAYOUT, match, store_tokens, synthetic_chain, tier_ns
+from support.redis_server import RedisServer
+from support.tiers import BLOCK, LAYOUT, match, store_tokens, synthetic_chain, tier_ns
 
 from hf_prefix_cache import BlockStore
 from hf_prefix_cache.tiers import TierWarning, decode, encode
@@ -284,7 +284,7 @@ def test_without_redis_py_the_library_imports_works_and_remote_names_the_extra(m
     monkeypatch.setitem(sys.modules, "redis", None)  # as if redis-py were not installed
     fresh = importlib.import_module("hf_prefix_cache")
     kwarg = importlib.import_module("hf_prefix_cache.compat").CACHE_KWARG
-    from tiny_models import random_ids, tiny_model
+    from support.models import random_ids, tiny_model
 
     model = tiny_model("llama")
     cache = fresh.PrefixCache(model, block_size=4, num_blocks=16, install=False)
@@ -305,7 +305,7 @@ def test_a_unix_socket_url_works(tmp_path):
 
 
 def test_remote_options_need_remote():
-    from tiny_models import tiny_model
+    from support.models import tiny_model
 
     from hf_prefix_cache import PrefixCache
 

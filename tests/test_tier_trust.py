@@ -11,12 +11,11 @@ import warnings
 
 import pytest
 import torch
-from exact import assert_same_output, greedy
-from tier_helpers import BLOCK, LAYOUT, synthetic_chain, tier_ns
-from tiny_models import random_ids, tiny_model
+from support.exact import assert_same_output, greedy, run
+from support.models import random_ids
+from support.tiers import BLOCK, LAYOUT, synthetic_chain, tier_ns
 
 from hf_prefix_cache import PrefixCache
-from hf_prefix_cache.compat import CACHE_KWARG
 from hf_prefix_cache.tiers import BlockData, DiskTier, TierWarning, encode
 from hf_prefix_cache.tiers import entry as entry_module
 from hf_prefix_cache.tiers.entry import HEADER
@@ -25,11 +24,6 @@ from hf_prefix_cache.tiers.remote import RemoteTier
 TierKey = getattr(entry_module, "TierKey", None)  # looked up so that older code fails test by test
 SECRET = "trust-test-secret-0123456789abcdef"
 OTHER = "another-secret-0123456789abcdef!"
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("llama").eval()
 
 
 def forge(data: bytes) -> bytes:
@@ -45,10 +39,6 @@ def forge(data: bytes) -> bytes:
         dtype = getattr(torch, dtype.rstrip(b"\0").decode().removeprefix("torch."))
         keys.append(torch.full((heads, n_tokens, head_dim), 3.0, dtype=dtype))
     return encode(namespace, BlockData(block_hash, parent, tokens, keys, keys))
-
-
-def run(model, cache, prompt):
-    return greedy(model, prompt, **{CACHE_KWARG: cache})
 
 
 def disk_cache(model, folder, **options):

@@ -3,11 +3,16 @@ promotion that lost the race to another view takes that view's blocks (tests/tes
 
 from __future__ import annotations
 
-from mutants.catalog import Mutant
+from mutants.base import mutant
 
 CONCURRENCY = "tests/test_tier_concurrency.py"
 
 
+@mutant(
+    "tier_read_under_the_lock",
+    breaks="lower-tier reads run outside the store's lock",
+    tests=(f"{CONCURRENCY}::test_a_device_hit_completes_while_another_view_reads_a_tier",),
+)
 def tier_read_under_the_lock() -> None:
     """store.match holds the store's lock across the lower-tier read, as before issue 21."""
     from hf_prefix_cache.store import BlockStore
@@ -21,6 +26,11 @@ def tier_read_under_the_lock() -> None:
     BlockStore.match = locked
 
 
+@mutant(
+    "promotion_ignores_a_published_twin",
+    breaks="a promotion that lost the race takes the blocks another view published",
+    tests=(f"{CONCURRENCY}::test_two_views_promoting_one_chain_share_one_copy",),
+)
 def promotion_ignores_a_published_twin() -> None:
     """A promotion publishes its own copy even when another view published the same block meanwhile."""
     from hf_prefix_cache.tiering import TierStack
@@ -36,19 +46,3 @@ def promotion_ignores_a_published_twin() -> None:
         return publish(self, namespace, digest, chain, taken, extra_keys, sources)
 
     TierStack._publish_promoted = overwriting
-
-
-MUTANTS = [
-    Mutant(
-        "tier_read_under_the_lock",
-        "lower-tier reads run outside the store's lock",
-        tier_read_under_the_lock,
-        (f"{CONCURRENCY}::test_a_device_hit_completes_while_another_view_reads_a_tier",),
-    ),
-    Mutant(
-        "promotion_ignores_a_published_twin",
-        "a promotion that lost the race takes the blocks another view published",
-        promotion_ignores_a_published_twin,
-        (f"{CONCURRENCY}::test_two_views_promoting_one_chain_share_one_copy",),
-    ),
-]

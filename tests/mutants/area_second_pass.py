@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import contextlib
 
-from mutants.catalog import Mutant
+from mutants.base import mutant
 
 T = "tests/test_second_pass.py::"
 
 
+@mutant(
+    "disk_hit_keeps_mtime",
+    breaks="a disk hit refreshes its entry for the size sweep (LRU by mtime)",
+    tests=(T + "test_a_disk_hit_refreshes_the_entry_so_the_size_sweep_deletes_it_last",),
+)
 def disk_hit_keeps_mtime() -> None:
     """A disk hit no longer refreshes its file's mtime: the size sweep may delete the hottest entry first."""
     import os
@@ -33,6 +38,11 @@ def disk_hit_keeps_mtime() -> None:
     DiskTier._read = without_touch
 
 
+@mutant(
+    "disk_clear_keeps_known",
+    breaks="after clear() the disk tier writes the same blocks again",
+    tests=(T + "test_after_clear_the_same_prompt_is_written_to_disk_again",),
+)
 def disk_clear_keeps_known() -> None:
     """DiskTier.clear() keeps its set of known entries: the same blocks are never written again."""
     from hf_prefix_cache.tiers.disk import DiskTier
@@ -48,6 +58,11 @@ def disk_clear_keeps_known() -> None:
     DiskTier.clear = keeping
 
 
+@mutant(
+    "stack_clear_host_namespace_only",
+    breaks="clear() empties the whole host tier",
+    tests=(T + "test_clear_empties_the_host_tier_of_every_namespace",),
+)
 def stack_clear_host_namespace_only() -> None:
     """TierStack.clear() empties only this namespace from the host tier (README: the whole host tier)."""
     from hf_prefix_cache.tiering import TierStack
@@ -68,6 +83,11 @@ def stack_clear_host_namespace_only() -> None:
     TierStack.clear = namespaced
 
 
+@mutant(
+    "remote_min_tokens_on_request",
+    breaks="remote_min_tokens applies to the remote hit's length",
+    tests=(T + "test_remote_min_tokens_applies_to_the_hit_not_to_the_request",),
+)
 def remote_min_tokens_on_request() -> None:
     """remote_min_tokens is compared with the requested length, not with what the server holds."""
     from hf_prefix_cache.tiers.remote import RemoteTier
@@ -86,6 +106,11 @@ def remote_min_tokens_on_request() -> None:
     RemoteTier.get = on_request
 
 
+@mutant(
+    "remote_reput_keeps_ttl",
+    breaks="re-putting a block refreshes its TTL",
+    tests=(T + "test_re_putting_blocks_refreshes_their_ttl",),
+)
 def remote_reput_keeps_ttl() -> None:
     """Re-putting blocks the server already holds leaves their TTL as it was (none stays none)."""
     from hf_prefix_cache.tiers.remote import RemoteTier
@@ -108,6 +133,11 @@ def remote_reput_keeps_ttl() -> None:
     RemoteTier._write = keeping_ttl
 
 
+@mutant(
+    "remote_never_forgets_evicted",
+    breaks="a block the server evicted is sent again by the next store",
+    tests=(T + "test_blocks_the_server_evicted_are_sent_again",),
+)
 def remote_never_forgets_evicted() -> None:
     """A block the server evicted stays 'known' after a lookup misses it: it is never sent again."""
     from hf_prefix_cache.tiers.remote import RemoteTier
@@ -125,6 +155,11 @@ def remote_never_forgets_evicted() -> None:
     RemoteTier.get = remembering
 
 
+@mutant(
+    "cache_clear_keeps_buffers",
+    breaks="PrefixCache.clear() frees the per-call layer buffers",
+    tests=(T + "test_clear_releases_the_per_call_layer_buffers",),
+)
 def cache_clear_keeps_buffers() -> None:
     """PrefixCache.clear() keeps the per-call layer buffers (README: it frees them)."""
     from hf_prefix_cache import PrefixCache
@@ -144,6 +179,11 @@ def cache_clear_keeps_buffers() -> None:
     PrefixCache.clear = keeping
 
 
+@mutant(
+    "disk_never_forgets_deleted",
+    breaks="blocks another process deleted from disk are written again",
+    tests=(T + "test_blocks_another_process_deleted_from_disk_are_written_again",),
+)
 def disk_never_forgets_deleted() -> None:
     """A disk lookup that finds an entry gone keeps believing it (and what follows) is on disk."""
     from hf_prefix_cache.tiers.disk import DiskTier
@@ -159,6 +199,11 @@ def disk_never_forgets_deleted() -> None:
     DiskTier.get = remembering
 
 
+@mutant(
+    "disk_sweep_keeps_known",
+    breaks="entries the size sweep deleted are written again when needed",
+    tests=(T + "test_entries_the_size_sweep_deleted_are_written_again",),
+)
 def disk_sweep_keeps_known() -> None:
     """The size sweep deletes entries but this process still believes they are on disk."""
     from hf_prefix_cache.tiers.disk import DiskTier
@@ -173,6 +218,11 @@ def disk_sweep_keeps_known() -> None:
     DiskTier._make_room = keeping
 
 
+@mutant(
+    "remote_clear_keeps_known",
+    breaks="after RemoteTier.clear() the same blocks are sent again",
+    tests=(T + "test_after_a_remote_clear_the_same_blocks_are_sent_again",),
+)
 def remote_clear_keeps_known() -> None:
     """RemoteTier.clear() deletes the keys but keeps believing the server holds them."""
     from collections import OrderedDict
@@ -190,6 +240,11 @@ def remote_clear_keeps_known() -> None:
     RemoteTier.clear = keeping
 
 
+@mutant(
+    "remote_failure_keeps_known",
+    breaks="after a connection failure blocks are sent again to a restarted server",
+    tests=(T + "test_after_a_connection_failure_blocks_are_sent_again_to_a_restarted_server",),
+)
 def remote_failure_keeps_known() -> None:
     """A connection failure no longer forgets what the server held (it may come back empty)."""
     from collections import OrderedDict
@@ -207,6 +262,11 @@ def remote_failure_keeps_known() -> None:
     RemoteTier._failed = keeping
 
 
+@mutant(
+    "reset_stats_keeps_tier_hits",
+    breaks="reset_stats() zeroes hit_tokens_by_tier",
+    tests=(T + "test_reset_stats_zeroes_the_hits_by_tier",),
+)
 def reset_stats_keeps_tier_hits() -> None:
     """reset_stats() leaves the hits by tier counting from construction."""
     from hf_prefix_cache.stats import Counters
@@ -221,6 +281,11 @@ def reset_stats_keeps_tier_hits() -> None:
     Counters.reset = keeping
 
 
+@mutant(
+    "committed_counts_rewrites",
+    breaks="committed_bytes counts each block once however often it is written",
+    tests=(T + "test_storing_again_after_clear_commits_no_new_memory",),
+)
 def committed_counts_rewrites() -> None:
     """A block written a second time (after clear or eviction) is counted again in committed_bytes."""
     from hf_prefix_cache.kv_pool import KVPool
@@ -235,6 +300,11 @@ def committed_counts_rewrites() -> None:
     KVPool.mark_written = counting_again
 
 
+@mutant(
+    "promoted_root_keys",
+    breaks="a block promoted from a lower tier is a device hit the next time",
+    tests=(T + "test_a_promoted_block_is_a_device_hit_the_next_time",),
+)
 def promoted_root_keys() -> None:
     """Blocks promoted from a lower tier are cached under a key that forgets their parent block."""
     from hf_prefix_cache.tiering import TierStack
@@ -250,6 +320,11 @@ def promoted_root_keys() -> None:
     TierStack._place = forgetting_parents
 
 
+@mutant(
+    "promoted_no_origin",
+    breaks="a promoted block evicted again is written back to host",
+    tests=(T + "test_a_promoted_block_evicted_again_is_written_back_to_host",),
+)
 def promoted_no_origin() -> None:
     """A block promoted from a lower tier is not written back to host when the pool evicts it again."""
     from hf_prefix_cache.tiering import TierStack
@@ -265,6 +340,11 @@ def promoted_no_origin() -> None:
     TierStack._place = without_origin
 
 
+@mutant(
+    "publish_without_extra_keys",
+    breaks="blocks of a view with extra keys hit on disk",
+    tests=(T + "test_extra_keys_reach_the_disk_under_their_own_namespace",),
+)
 def publish_without_extra_keys() -> None:
     """Write-through files blocks under the tier namespace without the view's extra keys."""
     from hf_prefix_cache.tiering import TierStack
@@ -277,6 +357,11 @@ def publish_without_extra_keys() -> None:
     TierStack._publish = without
 
 
+@mutant(
+    "disk_subfolder_exists_fails",
+    breaks="a second entry in an existing subfolder is written",
+    tests=(T + "test_a_second_entry_in_the_same_subfolder_is_written",),
+)
 def disk_subfolder_exists_fails() -> None:
     """Writing an entry fails when its two-character subfolder already exists (mkdir without exist_ok)."""
     from hf_prefix_cache.tiers.disk import DiskTier
@@ -293,6 +378,11 @@ def disk_subfolder_exists_fails() -> None:
     DiskTier._write = failing
 
 
+@mutant(
+    "disk_sweep_by_path",
+    breaks="the size sweep deletes least recently used entries first",
+    tests=(T + "test_a_disk_hit_refreshes_the_entry_so_the_size_sweep_deletes_it_last",),
+)
 def disk_sweep_by_path() -> None:
     """The size sweep deletes entries in path (hash) order instead of least recently used first."""
     from hf_prefix_cache.tiers.disk import DiskTier
@@ -306,6 +396,11 @@ def disk_sweep_by_path() -> None:
     DiskTier._scan = by_path
 
 
+@mutant(
+    "remote_clear_every_namespace",
+    breaks="RemoteTier.clear(namespace) keeps the other namespaces",
+    tests=(T + "test_a_remote_clear_of_one_namespace_keeps_the_others",),
+)
 def remote_clear_every_namespace() -> None:
     """RemoteTier.clear(namespace) deletes every namespace of its key prefix."""
     from hf_prefix_cache.tiers.remote import RemoteTier
@@ -318,6 +413,11 @@ def remote_clear_every_namespace() -> None:
     RemoteTier.clear = everything
 
 
+@mutant(
+    "stack_flush_ignores_timeout",
+    breaks="cache.flush(timeout) returns False when the timeout runs out",
+    tests=(T + "test_flush_reports_done_with_a_host_tier_and_keeps_its_timeout",),
+)
 def stack_flush_ignores_timeout() -> None:
     """TierStack.flush(timeout) waits without a limit for the tiers' writers."""
     from hf_prefix_cache.tiering import TierStack
@@ -330,6 +430,11 @@ def stack_flush_ignores_timeout() -> None:
     TierStack.flush = unbounded
 
 
+@mutant(
+    "tier_flush_false",
+    breaks="flush() reports done on a stack with a host tier",
+    tests=(T + "test_flush_reports_done_with_a_host_tier_and_keeps_its_timeout",),
+)
 def tier_flush_false() -> None:
     """Tiers without a writer (host) report that a flush timed out."""
     from hf_prefix_cache.tiers.base import Tier
@@ -343,6 +448,11 @@ def tier_flush_false() -> None:
     Tier.flush = never_done
 
 
+@mutant(
+    "host_counters_overwritten",
+    breaks="the host tier's counters accumulate",
+    tests=(T + "test_host_counters_accumulate_across_calls",),
+)
 def host_counters_overwritten() -> None:
     """The host tier's hit counter holds the last lookup's hits instead of the total."""
     from hf_prefix_cache.tiers.host import HostTier
@@ -357,6 +467,11 @@ def host_counters_overwritten() -> None:
     HostTier.get = last_only
 
 
+@mutant(
+    "fetch_gives_up_when_host_has_all",
+    breaks="a chain the host holds whole is served with disk below",
+    tests=(T + "test_a_chain_the_host_holds_whole_is_served_with_disk_below",),
+)
 def fetch_gives_up_when_host_has_all() -> None:
     """A chain the first tier holds whole ends the lookup with nothing (the loop returns instead of stopping)."""
     from hf_prefix_cache.tiering import TierStack
@@ -373,6 +488,11 @@ def fetch_gives_up_when_host_has_all() -> None:
     TierStack._fetch = giving_up
 
 
+@mutant(
+    "promotion_cut_short_leaks",
+    breaks="a promotion cut short by a full pool leaves no reference",
+    tests=(T + "test_a_promotion_cut_short_by_a_full_pool_leaves_no_reference",),
+)
 def promotion_cut_short_leaks() -> None:
     """A promotion cut short by a full pool keeps a reference to the blocks it took."""
     from hf_prefix_cache.tiering import TierStack
@@ -388,6 +508,11 @@ def promotion_cut_short_leaks() -> None:
     TierStack._place = leaking
 
 
+@mutant(
+    "evicting_needs_a_host",
+    breaks="evictions work without a host tier",
+    tests=(T + "test_evictions_without_a_host_tier_and_of_blocks_stored_before_the_tiers",),
+)
 def evicting_needs_a_host() -> None:
     """The write-back hook fails on a stack without a host tier (``and`` for ``or`` in its guard)."""
     from hf_prefix_cache.tiering import TierStack
@@ -402,6 +527,11 @@ def evicting_needs_a_host() -> None:
     TierStack.evicting = failing
 
 
+@mutant(
+    "remote_fetch_one_batch",
+    breaks="a long remote chain is fetched in several MGET batches",
+    tests=(T + "test_a_long_remote_chain_is_fetched_in_several_batches",),
+)
 def remote_fetch_one_batch() -> None:
     """A remote lookup fetches only the first MGET batch of a long chain."""
     from hf_prefix_cache.tiers import remote
@@ -415,6 +545,14 @@ def remote_fetch_one_batch() -> None:
     RemoteTier.get = one_batch
 
 
+@mutant(
+    "remote_fetch_keeps_known",
+    breaks="a block gone or bad at MGET time is sent again by the next store",
+    tests=(
+        T + "test_a_bad_value_deleted_on_read_is_sent_again_by_the_next_store",
+        T + "test_a_block_evicted_between_the_lookup_and_the_fetch_is_forgotten",
+    ),
+)
 def remote_fetch_keeps_known() -> None:
     """A block gone or bad at MGET time (after the EXISTS) stays 'known': the next store skips it."""
     from hf_prefix_cache.tiers.remote import RemoteTier
@@ -432,6 +570,11 @@ def remote_fetch_keeps_known() -> None:
     RemoteTier._fetch = remembering
 
 
+@mutant(
+    "remote_write_stops_at_existing",
+    breaks="the writer sends every new block of a batch",
+    tests=(T + "test_a_batch_whose_first_block_the_server_holds_sends_the_rest",),
+)
 def remote_write_stops_at_existing() -> None:
     """The writer stops a batch at the first block the server holds (break for continue)."""
     from hf_prefix_cache.tiers.remote import RemoteTier
@@ -452,6 +595,11 @@ def remote_write_stops_at_existing() -> None:
     RemoteTier._write = stopping
 
 
+@mutant(
+    "remote_server_error_raises",
+    breaks="a full server is a counted 'server' error, reads go on",
+    tests=(T + "test_a_full_server_is_a_counted_server_error_and_reads_go_on",),
+)
 def remote_server_error_raises() -> None:
     """A server error that is not a lost connection (OOM, AUTH) raises inside the tier."""
     from hf_prefix_cache.tiers.remote import RemoteTier
@@ -466,6 +614,11 @@ def remote_server_error_raises() -> None:
     RemoteTier._failed = raising
 
 
+@mutant(
+    "remote_backoff_never_resets",
+    breaks="the back-off starts again after a recovery",
+    tests=(T + "test_the_back_off_starts_again_after_a_recovery",),
+)
 def remote_backoff_never_resets() -> None:
     """A success after a failure keeps the grown back-off (the next failure waits longer)."""
     from hf_prefix_cache.tiers.remote import RemoteTier
@@ -473,6 +626,11 @@ def remote_backoff_never_resets() -> None:
     RemoteTier._succeeded = lambda self: None
 
 
+@mutant(
+    "remote_writer_errors_uncounted",
+    breaks="an unexpected remote writer failure is counted, and the next put goes through",
+    tests=(T + "test_an_unexpected_writer_failure_is_counted_and_the_next_put_goes_through",),
+)
 def remote_writer_errors_uncounted() -> None:
     """A failure the remote writer did not expect is neither counted nor warned about."""
     from hf_prefix_cache.tiers.remote import RemoteTier
@@ -486,6 +644,11 @@ def remote_writer_errors_uncounted() -> None:
     RemoteTier.error = silent
 
 
+@mutant(
+    "store_rewrites_identical",
+    breaks="storing a prefix again writes only its new blocks",
+    tests=(T + "test_storing_a_prefix_again_writes_only_its_new_blocks",),
+)
 def store_rewrites_identical() -> None:
     """Storing a prefix again does not find its stored blocks: every block is written anew."""
     from hf_prefix_cache.store import BlockStore
@@ -502,6 +665,11 @@ def store_rewrites_identical() -> None:
     BlockStore._extend = rewriting
 
 
+@mutant(
+    "store_leaks_on_interrupt",
+    breaks="an interrupt during a tier lookup leaves no reference",
+    tests=(T + "test_an_interrupt_during_a_tier_lookup_leaves_no_reference",),
+)
 def store_leaks_on_interrupt() -> None:
     """An exception during a lookup (Ctrl-C in a tier) leaves the chain's references taken."""
     from hf_prefix_cache.store import BlockStore
@@ -516,208 +684,3 @@ def store_leaks_on_interrupt() -> None:
             del self.pool.release
 
     BlockStore.match = leaking
-
-
-MUTANTS: list[Mutant] = [
-    Mutant(
-        "disk_hit_keeps_mtime",
-        "a disk hit refreshes its entry for the size sweep (LRU by mtime)",
-        disk_hit_keeps_mtime,
-        (T + "test_a_disk_hit_refreshes_the_entry_so_the_size_sweep_deletes_it_last",),
-    ),
-    Mutant(
-        "disk_clear_keeps_known",
-        "after clear() the disk tier writes the same blocks again",
-        disk_clear_keeps_known,
-        (T + "test_after_clear_the_same_prompt_is_written_to_disk_again",),
-    ),
-    Mutant(
-        "stack_clear_host_namespace_only",
-        "clear() empties the whole host tier",
-        stack_clear_host_namespace_only,
-        (T + "test_clear_empties_the_host_tier_of_every_namespace",),
-    ),
-    Mutant(
-        "remote_min_tokens_on_request",
-        "remote_min_tokens applies to the remote hit's length",
-        remote_min_tokens_on_request,
-        (T + "test_remote_min_tokens_applies_to_the_hit_not_to_the_request",),
-    ),
-    Mutant(
-        "remote_reput_keeps_ttl",
-        "re-putting a block refreshes its TTL",
-        remote_reput_keeps_ttl,
-        (T + "test_re_putting_blocks_refreshes_their_ttl",),
-    ),
-    Mutant(
-        "remote_never_forgets_evicted",
-        "a block the server evicted is sent again by the next store",
-        remote_never_forgets_evicted,
-        (T + "test_blocks_the_server_evicted_are_sent_again",),
-    ),
-    Mutant(
-        "cache_clear_keeps_buffers",
-        "PrefixCache.clear() frees the per-call layer buffers",
-        cache_clear_keeps_buffers,
-        (T + "test_clear_releases_the_per_call_layer_buffers",),
-    ),
-    Mutant(
-        "disk_never_forgets_deleted",
-        "blocks another process deleted from disk are written again",
-        disk_never_forgets_deleted,
-        (T + "test_blocks_another_process_deleted_from_disk_are_written_again",),
-    ),
-    Mutant(
-        "disk_sweep_keeps_known",
-        "entries the size sweep deleted are written again when needed",
-        disk_sweep_keeps_known,
-        (T + "test_entries_the_size_sweep_deleted_are_written_again",),
-    ),
-    Mutant(
-        "remote_clear_keeps_known",
-        "after RemoteTier.clear() the same blocks are sent again",
-        remote_clear_keeps_known,
-        (T + "test_after_a_remote_clear_the_same_blocks_are_sent_again",),
-    ),
-    Mutant(
-        "remote_failure_keeps_known",
-        "after a connection failure blocks are sent again to a restarted server",
-        remote_failure_keeps_known,
-        (T + "test_after_a_connection_failure_blocks_are_sent_again_to_a_restarted_server",),
-    ),
-    Mutant(
-        "reset_stats_keeps_tier_hits",
-        "reset_stats() zeroes hit_tokens_by_tier",
-        reset_stats_keeps_tier_hits,
-        (T + "test_reset_stats_zeroes_the_hits_by_tier",),
-    ),
-    Mutant(
-        "committed_counts_rewrites",
-        "committed_bytes counts each block once however often it is written",
-        committed_counts_rewrites,
-        (T + "test_storing_again_after_clear_commits_no_new_memory",),
-    ),
-    Mutant(
-        "promoted_root_keys",
-        "a block promoted from a lower tier is a device hit the next time",
-        promoted_root_keys,
-        (T + "test_a_promoted_block_is_a_device_hit_the_next_time",),
-    ),
-    Mutant(
-        "promoted_no_origin",
-        "a promoted block evicted again is written back to host",
-        promoted_no_origin,
-        (T + "test_a_promoted_block_evicted_again_is_written_back_to_host",),
-    ),
-    Mutant(
-        "publish_without_extra_keys",
-        "blocks of a view with extra keys hit on disk",
-        publish_without_extra_keys,
-        (T + "test_extra_keys_reach_the_disk_under_their_own_namespace",),
-    ),
-    Mutant(
-        "disk_subfolder_exists_fails",
-        "a second entry in an existing subfolder is written",
-        disk_subfolder_exists_fails,
-        (T + "test_a_second_entry_in_the_same_subfolder_is_written",),
-    ),
-    Mutant(
-        "disk_sweep_by_path",
-        "the size sweep deletes least recently used entries first",
-        disk_sweep_by_path,
-        (T + "test_a_disk_hit_refreshes_the_entry_so_the_size_sweep_deletes_it_last",),
-    ),
-    Mutant(
-        "remote_clear_every_namespace",
-        "RemoteTier.clear(namespace) keeps the other namespaces",
-        remote_clear_every_namespace,
-        (T + "test_a_remote_clear_of_one_namespace_keeps_the_others",),
-    ),
-    Mutant(
-        "stack_flush_ignores_timeout",
-        "cache.flush(timeout) returns False when the timeout runs out",
-        stack_flush_ignores_timeout,
-        (T + "test_flush_reports_done_with_a_host_tier_and_keeps_its_timeout",),
-    ),
-    Mutant(
-        "tier_flush_false",
-        "flush() reports done on a stack with a host tier",
-        tier_flush_false,
-        (T + "test_flush_reports_done_with_a_host_tier_and_keeps_its_timeout",),
-    ),
-    Mutant(
-        "host_counters_overwritten",
-        "the host tier's counters accumulate",
-        host_counters_overwritten,
-        (T + "test_host_counters_accumulate_across_calls",),
-    ),
-    Mutant(
-        "fetch_gives_up_when_host_has_all",
-        "a chain the host holds whole is served with disk below",
-        fetch_gives_up_when_host_has_all,
-        (T + "test_a_chain_the_host_holds_whole_is_served_with_disk_below",),
-    ),
-    Mutant(
-        "promotion_cut_short_leaks",
-        "a promotion cut short by a full pool leaves no reference",
-        promotion_cut_short_leaks,
-        (T + "test_a_promotion_cut_short_by_a_full_pool_leaves_no_reference",),
-    ),
-    Mutant(
-        "evicting_needs_a_host",
-        "evictions work without a host tier",
-        evicting_needs_a_host,
-        (T + "test_evictions_without_a_host_tier_and_of_blocks_stored_before_the_tiers",),
-    ),
-    Mutant(
-        "remote_fetch_one_batch",
-        "a long remote chain is fetched in several MGET batches",
-        remote_fetch_one_batch,
-        (T + "test_a_long_remote_chain_is_fetched_in_several_batches",),
-    ),
-    Mutant(
-        "remote_fetch_keeps_known",
-        "a block gone or bad at MGET time is sent again by the next store",
-        remote_fetch_keeps_known,
-        (
-            T + "test_a_bad_value_deleted_on_read_is_sent_again_by_the_next_store",
-            T + "test_a_block_evicted_between_the_lookup_and_the_fetch_is_forgotten",
-        ),
-    ),
-    Mutant(
-        "remote_write_stops_at_existing",
-        "the writer sends every new block of a batch",
-        remote_write_stops_at_existing,
-        (T + "test_a_batch_whose_first_block_the_server_holds_sends_the_rest",),
-    ),
-    Mutant(
-        "remote_server_error_raises",
-        "a full server is a counted 'server' error, reads go on",
-        remote_server_error_raises,
-        (T + "test_a_full_server_is_a_counted_server_error_and_reads_go_on",),
-    ),
-    Mutant(
-        "remote_backoff_never_resets",
-        "the back-off starts again after a recovery",
-        remote_backoff_never_resets,
-        (T + "test_the_back_off_starts_again_after_a_recovery",),
-    ),
-    Mutant(
-        "remote_writer_errors_uncounted",
-        "an unexpected remote writer failure is counted, and the next put goes through",
-        remote_writer_errors_uncounted,
-        (T + "test_an_unexpected_writer_failure_is_counted_and_the_next_put_goes_through",),
-    ),
-    Mutant(
-        "store_rewrites_identical",
-        "storing a prefix again writes only its new blocks",
-        store_rewrites_identical,
-        (T + "test_storing_a_prefix_again_writes_only_its_new_blocks",),
-    ),
-    Mutant(
-        "store_leaks_on_interrupt",
-        "an interrupt during a tier lookup leaves no reference",
-        store_leaks_on_interrupt,
-        (T + "test_an_interrupt_during_a_tier_lookup_leaves_no_reference",),
-    ),
-]

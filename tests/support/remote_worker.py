@@ -1,10 +1,10 @@
 """A separate interpreter for the remote-tier process tests: one tiny model, one PrefixCache whose only
 lower tier is the Redis server at URL.
 
-python remote_worker.py chat URL CONVERSATION TURNS
+python tests/support/remote_worker.py chat URL CONVERSATION TURNS
     replays TURNS turns of conversation CONVERSATION (a system prompt shared by every conversation, then
     its own user turns); each turn: generate() without and with the cache.
-python remote_worker.py continue URL HISTORY_FILE...
+python tests/support/remote_worker.py continue URL HISTORY_FILE...
     one call per file: that file's token ids (another process's conversation) plus a new user turn.
 
 Both print one JSON line: per call equal / hit tokens / hits by tier, the final history, tier errors
@@ -17,19 +17,19 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: support.*, mutants.*
 
 SYSTEM_TOKENS = 24
 
 
 def user_turn(conversation: int, turn: int) -> list[int]:
-    from exactness import new_tokens
+    from support.scenarios import new_tokens
 
     return new_tokens(7, 1000 + 37 * conversation + turn)
 
 
 def chat(url, conversation, turns):
-    from exactness import new_tokens
+    from support.scenarios import new_tokens
 
     conversation = int(conversation)
     prompts = (lambda history, turn: history + user_turn(conversation, turn) for _ in range(int(turns)))
@@ -44,9 +44,9 @@ def continue_(url, *history_files):
 def run(url, history, prompts):
     """Each of ``prompts`` (history, turn) -> ids: generate() without and with the cache; print JSON."""
     import torch
-    from tiny_models import tiny_model
 
     from hf_prefix_cache import PrefixCache
+    from support.models import tiny_model
 
     model = tiny_model("llama", seed=0)
     cache = PrefixCache(model, block_size=4, num_blocks=256, remote=url, remote_min_tokens=0)

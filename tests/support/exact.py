@@ -1,8 +1,12 @@
-"""Compare generate() with a PrefixCache against generate() without any cache."""
+"""Compare greedy generate() with a PrefixCache against generate() without any cache (the simple checks;
+the exactness suite's own are in ``support.assertions``)."""
 
 from __future__ import annotations
 
 import torch
+
+from hf_prefix_cache import BlockStore, PrefixCache, PrefixCacheFallbackWarning
+from hf_prefix_cache.compat import CACHE_KWARG
 
 LOGIT_TOLERANCE = 1e-4  # fp32; measured differences are ~1e-6
 
@@ -19,6 +23,11 @@ def greedy(model, input_ids, attention_mask=None, max_new_tokens=8, **kwargs):
         return_dict_in_generate=True,
         **kwargs,
     )
+
+
+def run(model, cache, ids, **kwargs):
+    """Greedy generate() with ``cache``."""
+    return greedy(model, ids, **{CACHE_KWARG: cache}, **kwargs)
 
 
 def assert_same_output(expected, actual, tolerance: float = LOGIT_TOLERANCE) -> None:
@@ -51,3 +60,17 @@ class PrefillRecorder:
 
     def remove(self) -> None:
         self._handle.remove()
+
+
+def assert_store_not_poisoned(model, store: BlockStore, prompt: torch.Tensor, **kwargs) -> None:
+    """A fresh view's correct call equals plain generate() and reuses what is stored; nothing is pinned."""
+    view = PrefixCache(model, store=store)
+    expected, actual = greedy(model, prompt, **kwargs), run(model, view, prompt, **kwargs)
+    assert_same_output(expected, actual)
+    assert view.last_call.hit_tokens > 0  # the check reads the store, so poisoned K/V would show
+    assert store.pool.num_referenced == 0
+
+
+def fallback_warnings(record) -> list:
+    """The PrefixCacheFallbackWarning entries of a ``warnings.catch_warnings(record=True)`` list."""
+    return [w for w in record if issubclass(w.category, PrefixCacheFallbackWarning)]

@@ -6,19 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from exactness import (
-    STRATEGIES,
-    StoredPrefixes,
-    _call,
-    _check,
-    assert_exact,
-    cat,
-    conversation,
-    left_pad,
-    model_for,
-    new_tokens,
-)
-from tiny_models import random_ids
+from support.assertions import assert_exact
+from support.models import model_for, random_ids
+from support.oracle import StoredPrefixes
+from support.scenarios import STRATEGIES, cat, check_call, conversation, left_pad, new_tokens, run_call
 
 from hf_prefix_cache import PrefixCache
 
@@ -67,13 +58,13 @@ def test_lower_tier_hits_are_exact_and_equal_the_oracle(family, tiers, tmp_path)
     cache = make_cache(model, tiers, tmp_path / "kv")
     oracle = StoredPrefixes(4)
     first = random_ids(30, 0)
-    cold = _call(model, cache, GREEDY, first)
-    _check(cold, oracle, GREEDY, torch.float32, "cold")
+    cold = run_call(model, cache, GREEDY, first)
+    check_call(cold, oracle, GREEDY, torch.float32, "cold")
     spill_device(cache)
 
     shared = cat(first[:, :22], new_tokens(10, 1))
-    warm = _call(model, cache, GREEDY, shared)
-    assert _check(warm, oracle, GREEDY, torch.float32, "shared prefix") == 20
+    warm = run_call(model, cache, GREEDY, shared)
+    assert check_call(warm, oracle, GREEDY, torch.float32, "shared prefix") == 20
     expected_tier = "host" if "host" in tiers else "disk"
     assert lower_tier_hit(cache) == {expected_tier: 20}
     spill_device(cache, drop_host=tiers == "host+disk")  # host+disk: the next hits must come from disk
@@ -81,8 +72,8 @@ def test_lower_tier_hits_are_exact_and_equal_the_oracle(family, tiers, tmp_path)
     history = conversation(warm.out.sequences, 0, 0, warm.width)
     rows = [history + new_tokens(6, 3), new_tokens(9, 4), first[0, :26].tolist() + new_tokens(3, 5)]
     ids, mask = left_pad(rows)
-    batch = _call(model, cache, GREEDY, ids, mask)
-    assert _check(batch, oracle, GREEDY, torch.float32, "batch") > 0
+    batch = run_call(model, cache, GREEDY, ids, mask)
+    assert check_call(batch, oracle, GREEDY, torch.float32, "batch") > 0
     by_tier = lower_tier_hit(cache, batch=True)
     assert by_tier.get("host", 0) + by_tier.get("disk", 0) > 0
     if tiers == "host+disk":
@@ -92,8 +83,8 @@ def test_lower_tier_hits_are_exact_and_equal_the_oracle(family, tiers, tmp_path)
     follow = cat(
         conversation(batch.out.sequences, 0, ids.shape[1] - len(rows[0]), batch.width), new_tokens(5, 6)
     )
-    again = _call(model, cache, GREEDY, follow)
-    assert _check(again, oracle, GREEDY, torch.float32, "follow-up") >= len(history) // 4 * 4
+    again = run_call(model, cache, GREEDY, follow)
+    assert check_call(again, oracle, GREEDY, torch.float32, "follow-up") >= len(history) // 4 * 4
     lower_tier_hit(cache)
     assert cache.stats.tier_errors == 0
     assert cache.store.pool.num_referenced == 0
@@ -104,10 +95,10 @@ def test_a_new_cache_over_the_same_folder_hits_on_its_first_call(tmp_path):
     model = model_for("llama")
     first = make_cache(model, "disk", tmp_path)
     prompt = random_ids(41, 7)
-    _call(model, first, GREEDY, prompt)
+    run_call(model, first, GREEDY, prompt)
     assert first.flush(30)
     second = make_cache(model, "disk", tmp_path)
-    outcome = _call(model, second, GREEDY, prompt)
+    outcome = run_call(model, second, GREEDY, prompt)
     assert_exact(outcome.ref, outcome.out)
     assert outcome.hit_tokens == 40 and second.last_call.hit_tokens_by_tier == {"disk": 40}
     assert second.stats.hit_tokens_by_tier == {"device": 0, "disk": 40}
@@ -118,12 +109,12 @@ def test_negative_control_corrupted_host_kv_is_caught(tmp_path):
     model = model_for("llama")
     cache = make_cache(model, "host", tmp_path)
     prompt = random_ids(30, 8)
-    _call(model, cache, GREEDY, prompt)
+    run_call(model, cache, GREEDY, prompt)
     spill_device(cache)
     for block in cache.store.tiers.host._entries.values():
         for tensor in block.keys:
             tensor.add_(torch.randn_like(tensor))
-    outcome = _call(model, cache, GREEDY, prompt)
+    outcome = run_call(model, cache, GREEDY, prompt)
     assert outcome.hit_tokens == 28
     with pytest.raises(AssertionError):
         assert_exact(outcome.ref, outcome.out)
@@ -144,12 +135,12 @@ def test_clear_empties_every_tier_of_the_namespace(tmp_path):
     model = model_for("llama")
     cache = make_cache(model, "host+disk", tmp_path, num_blocks=4)
     prompt = random_ids(41, 9)
-    _call(model, cache, GREEDY, prompt)
+    run_call(model, cache, GREEDY, prompt)
     spill_device(cache)
     assert list(tmp_path.rglob("*.kvb")) and len(cache.store.tiers.host) > 0
     cache.clear()
     assert list(tmp_path.rglob("*.kvb")) == [] and len(cache.store.tiers.host) == 0
-    outcome = _call(model, cache, GREEDY, prompt)
+    outcome = run_call(model, cache, GREEDY, prompt)
     assert outcome.hit_tokens == 0
 
 

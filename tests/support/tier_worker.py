@@ -1,18 +1,18 @@
 """A separate interpreter for the disk-tier process tests (restart, crash, concurrency).
 
-python tier_worker.py generate FOLDER FAMILY:WEIGHT_SEED:SALT[,...] PROMPT_SEED...
+python tests/support/tier_worker.py generate FOLDER FAMILY:WEIGHT_SEED:SALT[,...] PROMPT_SEED...
     per spec, one tiny model (WEIGHT_SEED "0e": seed 0 with one k_proj element of layer 0 edited)
     and one PrefixCache over FOLDER; per prompt: generate() without and with
     the cache. Prints one JSON line per spec: per call equal / hit tokens / hits by tier, and tier
     errors. Does NOT flush: interpreter exit must (atexit).
-python tier_worker.py write FOLDER FIRST COUNT [slow]
+python tests/support/tier_worker.py write FOLDER FIRST COUNT [slow]
     writes synthetic chains FIRST..FIRST+COUNT-1 through a DiskTier; with "slow" each file is written
     half, then the writer sleeps (so a test can SIGKILL it mid-write).
-python tier_worker.py queue FOLDER COUNT DELAY [EXIT_FLUSH_S]
+python tests/support/tier_worker.py queue FOLDER COUNT DELAY [EXIT_FLUSH_S]
     puts chains 0..COUNT-1 through a DiskTier whose every file write first sleeps DELAY seconds
     ("hang": forever), prints how many blocks are still queued, and exits WITHOUT flushing: only the
     interpreter-exit flush can land them, bounded by EXIT_FLUSH_S (patched when given).
-python tier_worker.py read FOLDER COUNT SECONDS
+python tests/support/tier_worker.py read FOLDER COUNT SECONDS
     decodes every entry of chains 0..COUNT-1 it finds, again and again for SECONDS; prints how many
     were valid, missing and invalid (a partial or wrong entry accepted would be a bug).
 """
@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: support.*, mutants.*
 
 CHAIN_TOKENS = 3 * 4  # 3 blocks of 4 tokens per synthetic chain
 
@@ -41,9 +41,9 @@ def generate(folder, specs, *prompt_seeds):
 
 def generate_one(folder, family, weight_seed, salt, *prompt_seeds):
     import torch
-    from tiny_models import random_ids, tiny_model
 
     from hf_prefix_cache import PrefixCache
+    from support.models import random_ids, tiny_model
 
     model = tiny_model(family, seed=int(weight_seed.removesuffix("e")))
     if weight_seed.endswith("e"):  # "0e": seed 0 with ONE weight element edited (test_identity)
@@ -66,10 +66,9 @@ def generate_one(folder, family, weight_seed, salt, *prompt_seeds):
 
 
 def write(folder, first, count, slow=""):
-    from tier_helpers import LAYOUT, synthetic_chain, tier_ns
-
     from hf_prefix_cache.tiers import DiskTier
     from hf_prefix_cache.tiers import disk as disk_module
+    from support.tiers import LAYOUT, synthetic_chain, tier_ns
 
     if slow:
 
@@ -90,11 +89,10 @@ def write(folder, first, count, slow=""):
 
 
 def queue(folder, count, delay, exit_flush_s=""):
-    from tier_helpers import LAYOUT, synthetic_chain, tier_ns
-
     from hf_prefix_cache.tiers import DiskTier
     from hf_prefix_cache.tiers import disk as disk_module
     from hf_prefix_cache.tiers import writer as writer_module
+    from support.tiers import LAYOUT, synthetic_chain, tier_ns
 
     real_write = disk_module.write_file
 
@@ -112,9 +110,8 @@ def queue(folder, count, delay, exit_flush_s=""):
 
 
 def read(folder, count, seconds):
-    from tier_helpers import LAYOUT, slot_values, synthetic_chain, tier_ns
-
     from hf_prefix_cache.tiers import DiskTier, EntryError, decode
+    from support.tiers import LAYOUT, slot_values, synthetic_chain, tier_ns
 
     tier = DiskTier(folder, LAYOUT)
     chains = [synthetic_chain(chain_tokens(i), value=float(i + 1))[0] for i in range(int(count))]

@@ -9,26 +9,15 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
-from tier_helpers import LAYOUT, synthetic_chain, tier_ns
-from tier_worker import chain_tokens
+from support.tier_worker import chain_tokens
+from support.tiers import LAYOUT, synthetic_chain, tier_ns
+from support.workers import TIER_WORKER, WORKER_ENV, run_worker
 
 from hf_prefix_cache.tiers import DiskTier
 from hf_prefix_cache.tiers import disk as disk_module
 
-WORKER = str(Path(__file__).parent / "tier_worker.py")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 EXIT_ALLOWANCE_S = 30  # from the worker's report to its exit, with EXIT_FLUSH_S patched to 0.5 s
-
-
-def run_worker(*args, timeout=600, lines: int = 1):
-    out = subprocess.run(
-        [sys.executable, WORKER, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=ENV
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    results = [json.loads(line) for line in out.stdout.strip().splitlines()[-lines:]]
-    return results[0] if lines == 1 else results
 
 
 def test_a_restarted_process_hits_on_its_first_call_and_other_models_never_do(tmp_path):
@@ -67,10 +56,10 @@ def test_the_exit_flush_gives_up_after_its_bound_when_the_disk_hangs(tmp_path):
     allowance (60 times the bound) leaves out the worker's start-up: a hang is told from a slow start
     without waiting minutes (the mutant run pays this allowance once)."""
     worker = subprocess.Popen(
-        [sys.executable, WORKER, "queue", str(tmp_path / "kv"), "2", "hang", "0.5"],
+        [sys.executable, TIER_WORKER, "queue", str(tmp_path / "kv"), "2", "hang", "0.5"],
         stdout=subprocess.PIPE,
         text=True,
-        env=ENV,
+        env=WORKER_ENV,
     )
     watchdog = threading.Timer(300, worker.kill)  # a worker stuck before its report fails, never hangs
     watchdog.start()
@@ -92,10 +81,10 @@ def test_a_writer_killed_mid_write_leaves_nothing_a_reader_accepts(tmp_path, mon
     folder = tmp_path / "kv"
     run_worker("write", folder, 0, 2)  # two complete chains first
     writer = subprocess.Popen(
-        [sys.executable, WORKER, "write", str(folder), "2", "1", "slow"],
+        [sys.executable, TIER_WORKER, "write", str(folder), "2", "1", "slow"],
         stdout=subprocess.PIPE,
         text=True,
-        env=ENV,
+        env=WORKER_ENV,
     )
     try:
         line = writer.stdout.readline()
@@ -118,7 +107,9 @@ def test_two_writers_and_a_reader_share_one_folder(tmp_path):
     folder = tmp_path / "kv"
     count = 40
     procs = [
-        subprocess.Popen([sys.executable, WORKER, *args], stdout=subprocess.PIPE, text=True, env=ENV)
+        subprocess.Popen(
+            [sys.executable, TIER_WORKER, *args], stdout=subprocess.PIPE, text=True, env=WORKER_ENV
+        )
         for args in (
             ["write", str(folder), "0", str(count)],
             ["write", str(folder), "10", str(count - 10)],  # overlapping chains: the same entries

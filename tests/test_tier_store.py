@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from tier_helpers import (
+from support.tiers import (
     BLOCK,
     LAYOUT,
     make_store,
