@@ -175,24 +175,23 @@ class BlockStore:
         size = self.block_size
         limit = min(max_blocks, len(hashes))
         found = Match()
-        with self.lock:
-            for index in range(limit):
-                window = tokens[index * size : (index + 1) * size]
-                key = self.chain_key(
-                    found.blocks[-1] if found.blocks else None, namespace, window, extra_keys
-                )
-                block = self.pool.lookup(hashes[index], key)
-                if block is None:
-                    break
-                self.pool.touch(block)
-                found.blocks.append(block)
-                found.sources.append("device")
-        if self.tiers is not None and len(found.blocks) < limit:
-            try:
+        try:
+            with self.lock:
+                for index in range(limit):
+                    window = tokens[index * size : (index + 1) * size]
+                    parent = found.blocks[-1] if found.blocks else None
+                    key = self.chain_key(parent, namespace, window, extra_keys)
+                    block = self.pool.lookup(hashes[index], key)
+                    if block is None:
+                        break
+                    self.pool.touch(block)
+                    found.blocks.append(block)
+                    found.sources.append("device")
+            if self.tiers is not None and len(found.blocks) < limit:
                 self.tiers.promote(namespace, tokens, hashes, found.blocks, limit, extra_keys, found.sources)
-            except BaseException:
-                self.release(found.blocks)  # whatever raised, the caller never saw these references
-                raise
+        except BaseException:
+            self.release(found.blocks)  # whatever raised, the caller never saw these references
+            raise
         return found
 
     def read(self, layer: int, blocks: Sequence[Block]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -89,17 +89,15 @@ def test_two_views_promoting_one_chain_share_one_copy():
     spill_to_host(store, TOKENS)
     copying, resume = threading.Event(), threading.Event()
     copy_in = store.tiers._copy_in
-    first_thread: list[threading.Thread] = []
 
-    def paused_copy(taken):  # the first view stops between reserving blocks and publishing them
+    def paused_copy(taken):  # the first copy (the first view's) stops between reserving and publishing
         copy_in(taken)
-        if threading.current_thread() in first_thread:
+        if not copying.is_set():
             copying.set()
             assert resume.wait(WAIT_S)
 
     store.tiers._copy_in = paused_copy
     first, first_result = in_thread(lambda: match(store, TOKENS, keep=True))
-    first_thread.append(first)
     assert copying.wait(WAIT_S)
     second_blocks, second_sources, second_keys = match(store, TOKENS, keep=True)  # publishes first
     resume.set()

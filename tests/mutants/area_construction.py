@@ -57,9 +57,7 @@ def construction_probes() -> None:
 )
 def confirmed_layout_forgotten() -> None:
     """The layout a first call confirmed is not kept: the next cache on the model starts unconfirmed."""
-    from hf_prefix_cache import cache
-
-    cache.remember_layout = lambda model, result: None
+    replace_function("hf_prefix_cache.layout", "remember_layout", lambda original: lambda model, result: None)
 
 
 @mutant(
