@@ -92,7 +92,12 @@ def test_calls_that_want_no_cache_run_plain(model):
     prompts = turns(2)
     cache = attach(model, block_size=4, num_blocks=64)
     greedy(model, prompts[0], **GEN)
-    ref = greedy(model, prompts[1], use_cache=False, **GEN)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ref = greedy(model, prompts[1], use_cache=False, **GEN)
+    assert not [w for w in caught if w.category is PrefixCacheFallbackWarning], (
+        "use_cache=False is not a fallback"
+    )
     assert cache.stats.calls == 1
     detach(model)
     assert_exact(greedy(model, prompts[1], use_cache=False, **GEN), ref)
