@@ -167,4 +167,13 @@ MUTANTS = [
         reattach_keeps_the_first,
         (f"{ATTACH}::test_attaching_twice_replaces_the_first_with_one_warning",),
     ),
+    Mutant(
+        "attach_inputs_keyword_ignored",
+        "a prompt passed as inputs= (smolagents' TransformersModel, both paths) goes through the store",
+        inputs_keyword_ignored,
+        (
+            f"{CLIENTS}::test_smolagents_transformers_model_is_exact_attached[generate]",
+            f"{CLIENTS}::test_smolagents_transformers_model_is_exact_attached[generate_stream]",
+        ),
+    ),
 ]
