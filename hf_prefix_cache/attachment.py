@@ -40,10 +40,14 @@ class Attachment:
     def __init__(self, cache: PrefixCache, was_installed: bool):
         self.cache = cache
         self.was_installed = was_installed
-        self.pool = ViewPool(self._new_view)
+        self.pool = ViewPool(self._new_view, self._retire)
         self._local = threading.local()  # .active: an attached call is in flight on this thread
         if cache.store is not None:
             cache._counters = SummedCounters(cache.store, self.pool)
+
+    def _retire(self, view: PrefixCache) -> None:
+        if isinstance(self.cache._counters, SummedCounters):
+            self.cache._counters.retire(view)
 
     def _new_view(self) -> PrefixCache:
         cache = self.cache
@@ -114,12 +118,14 @@ def detach(model: torch.nn.Module) -> PrefixCache | None:
     """Stop serving ``model``'s cache-less calls; returns the detached cache (None if none was attached).
 
     The ``generate()`` wrapper goes too unless it was installed before ``attach`` (a ``PrefixCache`` made
-    earlier needs it). Calls in flight on other threads finish with their view."""
+    earlier needs it). Calls in flight on other threads finish with their view; then the views go (the
+    returned cache keeps their counters in its stats)."""
     attachment = model.__dict__.pop(ATTACHED, None)
     if attachment is None:
         return None
     if not attachment.was_installed:
         uninstall(model)
+    attachment.pool.close()
     return attachment.cache
 
 

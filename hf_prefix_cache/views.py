@@ -17,13 +17,18 @@ from .stats import CacheStats, Counters
 
 
 class ViewPool:
-    """Idle views of one store, made by ``make`` when none is idle; each call holds its own."""
+    """Idle views of one store, made by ``make`` when none is idle; each call holds its own.
 
-    def __init__(self, make: Callable[[], Any]):
+    ``close`` (at ``detach``) lets go of every view, idle ones at once and the others when their call
+    ends, handing each to ``retire`` first (its counters), so a detached cache keeps no view's buffers."""
+
+    def __init__(self, make: Callable[[], Any], retire: Callable[[Any], None] = lambda view: None):
         self._make = make
+        self._retire = retire
         self._lock = threading.Lock()
         self._idle: list[Any] = []
-        self.views: list[Any] = []  # every view made (at most the peak number of calls in flight)
+        self._closed = False
+        self.views: list[Any] = []  # every live view (at most the peak number of calls in flight)
 
     def checkout(self) -> Any:
         with self._lock:
@@ -36,7 +41,19 @@ class ViewPool:
 
     def checkin(self, view: Any) -> None:
         with self._lock:
-            self._idle.append(view)
+            if not self._closed:
+                self._idle.append(view)
+                return
+            self.views.remove(view)
+            self._retire(view)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for view in self._idle:
+                self.views.remove(view)
+                self._retire(view)
+            self._idle = []
 
 
 class SummedCounters(Counters):
@@ -47,6 +64,16 @@ class SummedCounters(Counters):
     def __init__(self, store: Any, pool: ViewPool):
         self._pool = pool
         super().__init__(store)
+
+    def retire(self, view: Any) -> None:
+        """Keep the totals of a view that goes away (detach)."""
+        counters = view._counters
+        self.calls += counters.calls
+        self.prompt_tokens += counters.prompt_tokens
+        self.hit_tokens += counters.hit_tokens
+        self.refused += counters.refused
+        for tier, tokens in counters.hit_tokens_by_tier.items():
+            self.hit_tokens_by_tier[tier] = self.hit_tokens_by_tier.get(tier, 0) + tokens
 
     def reset(self, store: Any = None) -> None:
         super().reset(store)

@@ -111,11 +111,15 @@ def test_detach_restores_plain_generate(model, installed_before):
     cache = attach(model, block_size=4, num_blocks=64)
     assert hf_prefix_cache.is_installed(model)
     greedy(model, prompts[0], **GEN)
+    attachment = model.__dict__[hf_prefix_cache.generation.ATTACHED]
+    assert len(attachment.pool.views) == 1
     assert detach(model) is cache
+    assert not attachment.pool.views, "the detached cache keeps a view (and its buffers) alive"
     assert attached(model) is None and detach(model) is None
     # the wrapper goes with the attachment unless a PrefixCache made before attach() installed it
     assert hf_prefix_cache.is_installed(model) == installed_before
     assert ("generate" in model.__dict__) == installed_before
+    assert cache.stats.calls == 1 and cache.stats.hit_tokens == 0, "the detached views' calls are counted"
     out = greedy(model, prompts[1], **GEN)
     assert cache.stats.calls == 1, "a call after detach went through the detached store"
     if installed_before:

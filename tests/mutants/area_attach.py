@@ -56,6 +56,20 @@ def detach_leaves_the_wrapper() -> None:
     attachment.uninstall = lambda model: False
 
 
+def detach_keeps_the_views() -> None:
+    """detach() leaves the views (and their layer buffers) alive as long as the returned cache."""
+    from hf_prefix_cache.views import ViewPool
+
+    ViewPool.close = lambda self: None
+
+
+def retired_views_uncounted() -> None:
+    """The calls of views that detach() let go of vanish from the cache's stats."""
+    from hf_prefix_cache.views import SummedCounters
+
+    SummedCounters.retire = lambda self, view: None
+
+
 def reentered_call_gets_a_view() -> None:
     """A generate() started inside an attached call on the same thread goes through the store too."""
     from hf_prefix_cache.attachment import Attachment
@@ -139,6 +153,18 @@ MUTANTS = [
         "detach() removes the generate() wrapper that attach() installed",
         detach_leaves_the_wrapper,
         (f"{ATTACH}::test_detach_restores_plain_generate[False]",),
+    ),
+    Mutant(
+        "attach_detach_keeps_the_views",
+        "detach() lets go of every view of the attached store",
+        detach_keeps_the_views,
+        tuple(f"{ATTACH}::test_detach_restores_plain_generate[{before}]" for before in ("False", "True")),
+    ),
+    Mutant(
+        "attach_retired_views_uncounted",
+        "the stats of a detached cache keep the calls of its views",
+        retired_views_uncounted,
+        tuple(f"{ATTACH}::test_detach_restores_plain_generate[{before}]" for before in ("False", "True")),
     ),
     Mutant(
         "attach_reentered_call_gets_a_view",
