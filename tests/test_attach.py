@@ -248,3 +248,20 @@ def test_training_mode_neither_reuses_nor_stores(model):
     for ref, out in zip(refs, outs):
         assert_exact(ref, out)  # the tiny Llama has no dropout: the outputs stay equal
     assert cache.stats.hit_tokens == 0 and cache.stats.stored_blocks == 0
+
+
+def test_a_model_cast_after_attach_runs_plain_with_one_warning(model):
+    """The store holds fp32 K/V: after a cast the calls run plain generate() (no view of a store that no
+    longer fits the model is made), and say so once."""
+    prompt = turns(1)[0]
+    cache = attach(model, block_size=4, num_blocks=64)
+    model.to(torch.bfloat16)
+    ref = greedy(model, prompt, cache=DynamicCache(config=model.config), **GEN)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [greedy(model, prompt, **GEN) for _ in range(2)]
+    ours = [str(w.message) for w in caught if w.category is PrefixCacheFallbackWarning]
+    assert len(ours) == 1 and "dtype or device changed" in ours[0], ours
+    for out in outs:
+        assert_exact(ref, out, torch.bfloat16)
+    assert cache.stats.calls == 0

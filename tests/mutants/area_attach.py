@@ -70,6 +70,23 @@ def retired_views_uncounted() -> None:
     SummedCounters.retire = lambda self, view: None
 
 
+def stale_model_gets_a_view() -> None:
+    """A model cast after attach() still gets a view of the store (whose K/V no longer fit it)."""
+
+    def make(leave_alone):
+        def blind_to_casts(cache, args, kwargs):
+            stale_reason = type(cache).stale_reason
+            type(cache).stale_reason = lambda self: None
+            try:
+                return leave_alone(cache, args, kwargs)
+            finally:
+                type(cache).stale_reason = stale_reason
+
+        return blind_to_casts
+
+    replace_function("hf_prefix_cache.attachment", "leave_alone", make)
+
+
 def reentered_call_gets_a_view() -> None:
     """A generate() started inside an attached call on the same thread goes through the store too."""
     from hf_prefix_cache.attachment import Attachment
@@ -165,6 +182,12 @@ MUTANTS = [
         "the stats of a detached cache keep the calls of its views",
         retired_views_uncounted,
         tuple(f"{ATTACH}::test_detach_restores_plain_generate[{before}]" for before in ("False", "True")),
+    ),
+    Mutant(
+        "attach_stale_model_gets_a_view",
+        "a model cast after attach() runs plain generate() with one warning",
+        stale_model_gets_a_view,
+        (f"{ATTACH}::test_a_model_cast_after_attach_runs_plain_with_one_warning",),
     ),
     Mutant(
         "attach_reentered_call_gets_a_view",
