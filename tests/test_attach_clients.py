@@ -13,6 +13,7 @@ from exactness import char_tokenizer, quiet_single_thread  # noqa: F401 (autouse
 from tiny_models import tiny_model
 
 from hf_prefix_cache import attach, detach
+from hf_prefix_cache.generation import ATTACHED
 
 TOLERANCE = 1e-4  # fp32
 SYSTEM = "You are a careful assistant. Answer in one short line, then stop. " * 3
@@ -91,12 +92,15 @@ def test_smolagents_transformers_model_is_exact_attached(smol, stream):
             replies, steps = agent_turns(smol, stream, logits)
             hits = cache.stats.hit_tokens
             calls = cache.stats.calls
+            # generate_stream runs each call in a new thread: the threads took turns with one view
+            views = len(smol.model.__dict__[ATTACHED].pool.views)
         finally:
             detach(smol.model)
     assert replies == ref_replies
     for turn, (ref, out) in enumerate(zip(ref_steps, steps)):
         assert_same_logits(ref, out, f"turn {turn}")
     assert calls == len(QUESTIONS), "every agent step went through the attached store"
+    assert views == 1
     assert hits > 0 and cache.last_call.hit_tokens > 0
 
 
