@@ -6,9 +6,12 @@ on CPU, from the packaged GGUF) with a scripted ``lookup`` tool. Every step re-s
 the agent format, so a step is one model call, whatever the agent makes of its reply; the run stops at
 ``--max-steps`` (smolagents then makes one more call, the final answer, under another system prompt).
 
-Rounds alternate plain and attached (a new ``attach`` per round, so no round starts warm). Each model
-call is timed around ``TransformersModel.generate``; per step the median over rounds of each mode and
-their ratio are printed. Outputs must be identical, step for step (exit status 1 if not).
+Each round runs two agents in lockstep, one on a plain model and one on an attached copy (a new
+``attach`` per round, so no round starts warm): one model call of one agent, then one of the other, the
+mode that goes first alternating between rounds, so both modes see the same moments of this shared
+machine. Each model call is timed around ``TransformersModel.generate``; per step the median over
+rounds of each mode and their ratio are printed (step 1 has no hits: its ratio shows the noise).
+Outputs must be identical, step for step (exit status 1 if not).
 
 Run ``python -m hf_prefix_cache_eval.bench_agents [--rounds 2] [--max-steps 5] [--json out.json]``.
 """
@@ -79,32 +82,51 @@ class TimedModel:
         return reply
 
 
-def run_round(timed: TimedModel, max_steps: int, attached: bool) -> list[dict]:
-    """One agent run from an empty memory: each model call's time, reply and (attached) hit tokens."""
+def advance(run, timed: TimedModel) -> bool:
+    """Run the agent until its next model call has ended (False once the run is over)."""
+    calls = len(timed.calls)
+    while len(timed.calls) == calls:
+        try:
+            next(run)
+        except StopIteration:
+            return False
+    return True
+
+
+def run_round(timed: dict[str, TimedModel], max_steps: int, first: str) -> dict[str, list[dict]]:
+    """Two agent runs from an empty memory, one per mode, in lockstep: one model call of one, then one of
+    the other (``first`` starts), so that both see the same moments of the shared machine. The attached
+    model gets a new store, so no round starts warm."""
     from smolagents import CodeAgent
 
-    timed.calls = []
-    cache = attach(timed.model.model, max_memory="1GiB") if attached else None
+    cache = attach(timed["attached"].model.model, max_memory="1GiB")
     hits: list[int] = []
-    if cache is not None:
-        generate = timed._generate
+    counted = timed["attached"]._generate
 
-        def counting(messages, *args, **kwargs):
-            reply = generate(messages, *args, **kwargs)
-            hits.append(cache.last_call.hit_tokens)
-            return reply
+    def counting(messages, *args, **kwargs):
+        reply = counted(messages, *args, **kwargs)
+        hits.append(cache.last_call.hit_tokens)
+        return reply
 
-        timed._generate = counting
+    timed["attached"]._generate = counting
     try:
-        agent = CodeAgent(tools=[lookup_tool()], model=timed.model, max_steps=max_steps, verbosity_level=-1)
-        agent.run(TASK)
+        runs = {}
+        for mode in MODES:
+            timed[mode].calls = []
+            agent = CodeAgent(
+                tools=[lookup_tool()], model=timed[mode].model, max_steps=max_steps, verbosity_level=-1
+            )
+            runs[mode] = agent.run(TASK, stream=True)
+        order = [first, *(m for m in MODES if m != first)]
+        active = list(order)
+        while active:
+            active = [mode for mode in active if advance(runs[mode], timed[mode])]
     finally:
-        if cache is not None:
-            timed._generate = generate
-            detach(timed.model.model)
-    for call, hit in zip(timed.calls, hits):
+        timed["attached"]._generate = counted
+        detach(timed["attached"].model.model)
+    for call, hit in zip(timed["attached"].calls, hits):
         call["hit_tokens"] = hit
-    return list(timed.calls)
+    return {mode: list(timed[mode].calls) for mode in MODES}
 
 
 def run_benchmark(rounds: int = 2, max_steps: int = 5, max_new_tokens: int = 96) -> dict:
@@ -112,22 +134,24 @@ def run_benchmark(rounds: int = 2, max_steps: int = 5, max_new_tokens: int = 96)
 
     torch.set_num_threads(2)
     folder = ensure_smollm2()
-    model = TransformersModel(
-        model_id=str(folder),
-        device_map="cpu",
-        torch_dtype="float32",
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-    )
-    timed = TimedModel(model)
+    timed = {  # one model object per mode: attach() acts on the model, not on the agent
+        mode: TimedModel(
+            TransformersModel(
+                model_id=str(folder),
+                device_map="cpu",
+                torch_dtype="float32",
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+            )
+        )
+        for mode in MODES
+    }
     runs: dict[str, list[list[dict]]] = {mode: [] for mode in MODES}
     for index in range(rounds):
-        order = MODES if index % 2 == 0 else MODES[::-1]
-        for mode in order:
-            runs[mode].append(run_round(timed, max_steps, attached=mode == "attached"))
-            print(
-                f"  round {index + 1} {mode}: {[round(c['seconds'], 2) for c in runs[mode][-1]]} s per call"
-            )
+        result = run_round(timed, max_steps, first=MODES[index % 2])
+        for mode in MODES:
+            runs[mode].append(result[mode])
+            print(f"  round {index + 1} {mode}: {[round(c['seconds'], 2) for c in result[mode]]} s per call")
     return summarise(runs, load_average())
 
 
