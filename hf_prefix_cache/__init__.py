@@ -1,5 +1,6 @@
 """hf_prefix_cache: vLLM-style automatic prefix caching for Hugging Face ``transformers``."""
 
+from .attachment import attach, attached, detach
 from .cache import PrefixCache
 from .compat import CACHE_KWARG
 from .explain import HitReport
@@ -17,6 +18,9 @@ __all__ = [
     "HitReport",
     "PrefixCache",
     "PrefixCacheFallbackWarning",
+    "attach",
+    "attached",
+    "detach",
     "install",
     "is_installed",
     "parse_bytes",

@@ -2,7 +2,8 @@
 
 ``generate()`` never shows a cache its ``input_ids`` before the prefill, so something must look the prompt
 up first. The wrapper is installed once per model (idempotent), acts only when a ``PrefixCache`` is
-passed, and ``uninstall`` removes it. Users who want no patching call ``prepare``/``commit`` themselves.
+passed or, for calls that pass no cache, when the model is attached (attachment.py), and ``uninstall``
+removes it. Users who want no patching call ``prepare``/``commit`` themselves.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from .prompt_rows import is_left_padded
 from .reasons import BUSY, NOT_LEFT_PADDED, call_fallback_reason
 
 _MARK = "_hf_prefix_cache_original"
+# the model's Attachment (attachment.py): it serves the calls that pass no cache
+ATTACHED = "_hf_prefix_cache_attached"
 # generate()'s own parameters, in order: what positional arguments after the prompt stand for
 GENERATE_PARAMETERS = (
     "inputs",
@@ -69,6 +72,8 @@ def install(model: torch.nn.Module) -> None:
     @functools.wraps(original)
     def generate(*args: Any, **kwargs: Any):
         cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
+        if cache is None and (attachment := model.__dict__.get(ATTACHED)) is not None:
+            return attachment.generate(original, args, kwargs)
         if not isinstance(cache, Served):
             return original(*args, **kwargs)
         if cache.generating_here():
