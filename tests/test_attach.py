@@ -9,14 +9,16 @@ import warnings
 
 import pytest
 import torch
-from exact import greedy
-from exactness import assert_exact, quiet_single_thread  # noqa: F401 (autouse fixture)
-from tiny_models import BOS, random_ids, tiny_model
+from support.assertions import assert_exact
+from support.exact import greedy
+from support.models import BOS, random_ids, tiny_model
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
 import hf_prefix_cache
 from hf_prefix_cache import PrefixCache, PrefixCacheFallbackWarning, attach, attached, detach
 from hf_prefix_cache.attachment import REPLACED
+
+pytestmark = pytest.mark.usefixtures("quiet_single_thread")
 
 GEN = dict(max_new_tokens=6)
 

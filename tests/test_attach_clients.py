@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from exactness import char_tokenizer, quiet_single_thread  # noqa: F401 (autouse fixture)
-from tiny_models import tiny_model
+from support.models import char_tokenizer, tiny_model
 
 from hf_prefix_cache import attach, detach
 from hf_prefix_cache.generation import ATTACHED
+
+pytestmark = pytest.mark.usefixtures("quiet_single_thread")
 
 TOLERANCE = 1e-4  # fp32
 SYSTEM = "You are a careful assistant. Answer in one short line, then stop. " * 3

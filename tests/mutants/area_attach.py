@@ -3,7 +3,7 @@ generate(), the attached cache's stats sum every view (tests/test_attach.py, tes
 
 from __future__ import annotations
 
-from mutants.catalog import Mutant, replace_function
+from mutants.base import Mutant, replace_function
 
 ATTACH = "tests/test_attach.py"
 CLIENTS = "tests/test_attach_clients.py"
