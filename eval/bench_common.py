@@ -64,6 +64,12 @@ def print_modes(result: dict, modes, width: int) -> None:
         print(f"  {mode:{width}s} median TTFT {result['median_seconds'][mode] * 1000:8.1f} ms   [{runs}]")
 
 
+def print_ratios(ratios: dict[str, float], targets: dict, width: int) -> None:
+    """Each ratio, with its target and whether it was met where it has one."""
+    for name, value in ratios.items():
+        print(f"  {name:{width}s} {value:7.3f}{verdict(value, targets.get(name))}")
+
+
 def verdict(value: float, target: tuple[str, float] | None) -> str:
     """``   target >= 10   ok`` (or ``MISSED``); empty for a ratio without a target."""
     if target is None:

@@ -27,7 +27,7 @@ import torch
 
 from hf_prefix_cache import CACHE_KWARG, PrefixCache
 
-from .bench_common import add_prompt_options, finish, prompts_for, timed, verdict
+from .bench_common import add_prompt_options, finish, print_ratios, prompts_for, timed
 from .models import load_model
 
 FETCH_SALTS = 4
@@ -143,8 +143,7 @@ def main(argv=None) -> int:
         f"  fetch view: {result['fetch_calls']} calls, {result['fetch_calls_from_disk']} read from disk "
         f"(first: {result['fetch_hits_by_tier'][:2]})"
     )
-    for name, value in result["ratios"].items():
-        print(f"  {name:26s} = {value:.3f}{verdict(value, TARGETS.get(name))}")
+    print_ratios(result["ratios"], TARGETS, 26)
     return finish(result, args.json)
 
 

@@ -38,7 +38,7 @@ import torch
 
 from hf_prefix_cache import PrefixCache
 
-from .bench_common import add_prompt_options, finish, print_modes, prompts_for, timed, verdict
+from .bench_common import add_prompt_options, finish, print_modes, print_ratios, prompts_for, timed
 from .models import load_model
 
 SPILLED_POOL = "256MiB"  # device pool of the host/disk modes: small, so a few promotions commit it all
@@ -270,8 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  {kind:12s} first call {value['cached_s'] * 1000:8.1f} ms vs no cache "
             f"{value['no_cache_s'] * 1000:.1f} ms in the same fresh process"
         )
-    for name, value in result["ratios"].items():
-        print(f"  {name:32s} {value:7.3f}{verdict(value, TARGETS.get(name))}")
+    print_ratios(result["ratios"], TARGETS, 32)
     return finish(result, args.json)
 
 

@@ -27,7 +27,7 @@ from transformers import DynamicCache
 
 from hf_prefix_cache import CACHE_KWARG, PrefixCache
 
-from .bench_common import add_prompt_options, finish, print_modes, real_text_ids, timed, verdict
+from .bench_common import add_prompt_options, finish, print_modes, print_ratios, real_text_ids, timed
 from .models import load_model
 
 MODES = ("no_cache", "ideal", "warm", "cold")
@@ -105,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nSmolLM2-135M-Instruct, {result['prompt_tokens']} prompt tokens, {result['threads']} threads")
     print(f"warm hit tokens per repetition: {result['warm_hit_tokens']}")
     print_modes(result, MODES, 9)
-    for name, value in result["ratios"].items():
-        print(f"  {name:16s} {value:7.3f}{verdict(value, TARGETS[name])}")
+    print_ratios(result["ratios"], TARGETS, 16)
     return finish(result, args.json)
 
 
