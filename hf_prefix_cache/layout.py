@@ -40,7 +40,7 @@ class LayerLayout:
 
     def block_bytes(self, block_size: int) -> int:
         """Bytes one block of K and V takes in this layer."""
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        itemsize = self.dtype.itemsize
         return 2 * self.num_heads * block_size * self.head_dim * itemsize
 
 

@@ -306,7 +306,7 @@ def _read_payload(flat: torch.Tensor, view: memoryview, at: int) -> dict[str, to
             numel = 1
             for size in shape:
                 numel *= size
-            itemsize = torch.empty((), dtype=dtype).element_size()
+            itemsize = dtype.itemsize
             if not 0 <= begin <= end <= len(view) - data_at or end - begin != numel * itemsize:
                 raise ValueError(f"tensor {name!r} lies outside the payload or has the wrong size")
             tensors[name] = flat[data_at + begin : data_at + end].view(dtype).view(shape)
