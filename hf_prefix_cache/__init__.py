@@ -5,6 +5,7 @@ from .explain import HitReport
 from .generation import install, is_installed, uninstall
 from .memory import parse_bytes
 from .reasons import PrefixCacheFallbackWarning
+from .scoring import Continuation, continuation_logprobs, score
 from .stats import CacheStats, CallStats
 from .store import BlockStore
 
@@ -12,12 +13,15 @@ __all__ = [
     "BlockStore",
     "CacheStats",
     "CallStats",
+    "Continuation",
     "HitReport",
     "PrefixCache",
     "PrefixCacheFallbackWarning",
+    "continuation_logprobs",
     "install",
     "is_installed",
     "parse_bytes",
+    "score",
     "uninstall",
 ]
 __version__ = "0.1.0"
