@@ -185,3 +185,23 @@ def test_unsupported_model_is_a_plain_forward():
     ids = random_ids(10, seed=22)
     assert_close(cache.score(ids, logits_to_keep=3), plain(model, ids, keep=3))
     assert cache.get_seq_length() == 0  # the plain forward left nothing in the cache's layers
+
+
+def test_an_error_in_the_forward_leaks_no_reference(model):
+    cache = PrefixCache(model, block_size=BLOCK, num_blocks=64)
+    ids = random_ids(21, seed=23)
+    cache.score(ids)
+
+    def fail(module, args, kwargs):
+        raise RuntimeError("boom")
+
+    handle = model.register_forward_pre_hook(fail, with_kwargs=True)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            cache.score(ids)
+    finally:
+        handle.remove()
+    assert cache._call is None
+    assert all(block.ref_count == 0 for block in cache.store.pool.table.values())
+    assert_close(cache.score(ids), plain(model, ids))
+    assert cache.last_call.hit_tokens == 20

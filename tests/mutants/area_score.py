@@ -34,6 +34,13 @@ def score_hit_reaches_into_requested_positions() -> None:
     PrefixCache.prepare = only_the_last
 
 
+def score_keeps_references_on_error() -> None:
+    """A scoring call that raises keeps its block references (nothing releases them)."""
+    from hf_prefix_cache import PrefixCache
+
+    PrefixCache.release_if_mine = lambda self: None
+
+
 def lm_eval_ignores_the_cache() -> None:
     """hf-prefix-cache scores every request with a plain forward of the whole input."""
     import torch
@@ -67,6 +74,12 @@ MUTANTS = [
             f"{SCORE}::test_hit_stays_below_the_requested_positions[llama]",
             f"{SCORE}::test_hit_stays_below_the_requested_positions[gemma3]",
         ),
+    ),
+    Mutant(
+        "score_keeps_references_on_error",
+        "a scoring call that raises releases the blocks it referenced",
+        score_keeps_references_on_error,
+        (f"{SCORE}::test_an_error_in_the_forward_leaks_no_reference[llama]",),
     ),
     Mutant(
         "lm_eval_ignores_the_cache",
