@@ -2,14 +2,17 @@
 
 SmolLM2-135M-Instruct fp32 on CPU (2 threads), batch size 1, the local task ``eval/lm_eval_tasks/prefix_mc``
 (every document shares the five-shot context; each question's choices share the question). Both models
-run in this one process on the same weights, interleaved (hf, ours, hf, ours...), so they see the same
-moments of a shared machine; only the ratios mean anything. Each run of ours starts from an empty cache
-(built inside the timed region): nothing is pre-built.
+run in this one process on the same weights, interleaved chunk by chunk: the requests, in the order under
+test, are cut into consecutive chunks of about 16 (never splitting requests with the same input, which
+lm-eval's logits cache computes once), and each chunk goes to ``hf`` then to ours, so both see the same
+moments of a shared machine; only the ratios mean anything. Ours starts each order from an empty cache
+(built inside the timed region) that then persists across its chunks: nothing is pre-built.
 
-Orders: ``lm-eval`` is lm-eval's own (its Collator sorts requests longest first), ``shuffled`` runs the
-same requests in a random order (the Collator's sort key replaced by a seeded random one for both
-models; its grouping of identical inputs is kept). Printed: wall time of each, the ratio hf / ours, the
-largest per-request loglikelihood difference, both accuracies and the cache's hit rate.
+Orders: ``lm-eval`` is lm-eval's own (its Collator sorts requests longest first, ties by token ids),
+``shuffled`` a seeded random order (requests with the same input kept together; the Collator's sort key
+is replaced by the same random key for both models, so each chunk runs in the global order). Printed:
+wall time of each, the ratio hf / ours, the largest per-request loglikelihood difference, both
+accuracies and the cache's hit rate.
 
 Run ``python -m hf_prefix_cache_eval.bench_lm_eval [--limit 48] [--rounds 1] [--json out.json]``.
 """
@@ -49,15 +52,25 @@ def task_and_requests(limit: int | None):
     return task, list(task.instances)
 
 
+CHUNK = 16  # requests per interleaved chunk
+
+
 class ShuffledCollator(Collator):
-    """lm-eval's Collator with a seeded random order instead of longest first (groups are kept)."""
+    """lm-eval's Collator with the seeded random order instead of longest first (groups are kept)."""
 
     def __init__(self, arr, sort_fn=None, group_fn=lambda x: x[1], group_by=None):
         super().__init__(arr, sort_fn=random_key, group_fn=group_fn, group_by=group_by)
 
 
-def random_key(request) -> float:
-    return random.Random(repr(request[1] + request[2])).random()
+def random_key(request) -> tuple:
+    """A seeded random rank of the request's input (context + continuation[:-1]), ties by its tokens."""
+    tokens = request[1] + request[2]
+    return random.Random(repr(tokens[:-1])).random(), tuple(tokens)
+
+
+def lm_eval_key(request) -> tuple:
+    tokens = request[1] + request[2]
+    return -len(tokens), tuple(tokens)
 
 
 @contextlib.contextmanager
@@ -77,6 +90,23 @@ def execution_order(order: str):
             module.Collator = original
 
 
+def chunks_in_order(hf, requests, order: str) -> list[list[int]]:
+    """Request indices in the global ``order``, cut into chunks that never split one input."""
+    encoded = [(None, *hf._encode_pair(*request.arguments)) for request in requests]
+    key = lm_eval_key if order == "lm-eval" else random_key
+    ranked = sorted(range(len(requests)), key=lambda i: key(encoded[i]))
+    chunks: list[list[int]] = [[]]
+    for position, index in enumerate(ranked):
+        chunks[-1].append(index)
+        following = ranked[position + 1] if position + 1 < len(ranked) else None
+        same_input = following is not None and (
+            encoded[following][1] + encoded[following][2][:-1] == encoded[index][1] + encoded[index][2][:-1]
+        )
+        if len(chunks[-1]) >= CHUNK and not same_input and following is not None:
+            chunks.append([])
+    return chunks
+
+
 def accuracy(task, requests, results) -> float:
     """Share of documents whose highest-loglikelihood choice is the target (lm-eval's ``acc``)."""
     best: dict[int, tuple[float, int]] = {}
@@ -89,15 +119,24 @@ def accuracy(task, requests, results) -> float:
 
 
 def run(hf, ours, model, cache_options: dict, requests, order: str) -> dict:
-    """One interleaved pair: lm-eval's hf, then ours from an empty cache; both in ``order``."""
+    """hf and ours (from an empty cache) on the same chunks, alternately, in ``order``."""
+    expected: list = [None] * len(requests)
+    actual: list = [None] * len(requests)
+    hf_s = ours_s = 0.0
     with execution_order(order):
         started = time.perf_counter()
-        expected = hf.loglikelihood(requests, disable_tqdm=True)
-        hf_s = time.perf_counter() - started
-        started = time.perf_counter()
         ours.prefix_cache = PrefixCache(model, **cache_options)  # no pre-built cache: part of the time
-        actual = ours.loglikelihood(requests, disable_tqdm=True)
-        ours_s = time.perf_counter() - started
+        ours_s += time.perf_counter() - started
+        for chunk in chunks_in_order(hf, requests, order):
+            batch = [requests[i] for i in chunk]
+            started = time.perf_counter()
+            for index, result in zip(chunk, hf.loglikelihood(batch, disable_tqdm=True)):
+                expected[index] = result
+            hf_s += time.perf_counter() - started
+            started = time.perf_counter()
+            for index, result in zip(chunk, ours.loglikelihood(batch, disable_tqdm=True)):
+                actual[index] = result
+            ours_s += time.perf_counter() - started
     stats = ours.prefix_cache.stats
     return {
         "order": order,
