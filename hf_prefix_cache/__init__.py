@@ -7,6 +7,7 @@ from .explain import HitReport
 from .generation import install, is_installed, uninstall
 from .memory import parse_bytes
 from .reasons import PrefixCacheFallbackWarning
+from .scoring import Continuation, continuation_logprobs, score
 from .stats import CacheStats, CallStats
 from .store import BlockStore
 
@@ -15,15 +16,18 @@ __all__ = [
     "BlockStore",
     "CacheStats",
     "CallStats",
+    "Continuation",
     "HitReport",
     "PrefixCache",
     "PrefixCacheFallbackWarning",
     "attach",
     "attached",
+    "continuation_logprobs",
     "detach",
     "install",
     "is_installed",
     "parse_bytes",
+    "score",
     "uninstall",
 ]
 __version__ = "0.1.0"

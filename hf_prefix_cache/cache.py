@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
-from . import adapters, fingerprint
+from . import adapters, fingerprint, scoring
 from .call import (
     CallState,
     Ownership,
@@ -181,13 +181,21 @@ class PrefixCache(DynamicCache, Served):
 
     # -- one call ----------------------------------------------------------------------------------
     def prepare(
-        self, input_ids, attention_mask=None, *, num_expand: int = 1, max_new_tokens: int | None = None
+        self,
+        input_ids,
+        attention_mask=None,
+        *,
+        num_expand: int = 1,
+        max_new_tokens: int | None = None,
+        logits_to_keep: int = 1,
     ) -> PrefixCache:
         """Fill this cache with the longest stored prefix of ``input_ids`` and return it.
 
         Pass the same ``input_ids``/``attention_mask`` to ``generate()`` next; ``num_expand`` is
         ``max(num_beams, num_return_sequences)``; ``max_new_tokens`` sizes the layer buffers up front
-        (without it they grow by doubling). Call ``commit`` (or ``release``) afterwards.
+        (without it they grow by doubling). ``logits_to_keep``: the last this many prompt tokens are
+        always computed, since their logits are wanted (a scoring call, ``scoring.py``). Call ``commit``
+        (or ``release``) afterwards.
         """
         started = time.perf_counter()
         try:
@@ -211,8 +219,8 @@ class PrefixCache(DynamicCache, Served):
             sources: list[list[str]] = [[] for _ in rows]  # the tier of each hit block, per row
             for row, row_sources in zip(rows, sources):
                 row.hashes = self._identity.block_hashes(call.namespace, row.tokens, size)
-                # the last prompt token is always computed; off the default nothing stored fits the call
-                usable = 0 if call.off_default else (len(row.tokens) - 1) // size
+                # the last prompt token(s) are always computed; off the default nothing stored fits the call
+                usable = 0 if call.off_default else max(0, len(row.tokens) - max(1, logits_to_keep)) // size
                 found = self.store.match(call.namespace, row.tokens, row.hashes, usable, self.extra_keys)
                 row.hits = found.blocks
                 row_sources.extend(found.sources)
@@ -265,6 +273,16 @@ class PrefixCache(DynamicCache, Served):
             self.release()
             stats.store_s = time.perf_counter() - started
         return stats
+
+    # -- scoring calls (scoring.py) ----------------------------------------------------------------
+    def score(self, input_ids, attention_mask=None, *, logits_to_keep: int = 1) -> torch.Tensor:
+        """Logits of the last ``logits_to_keep`` positions from one forward pass that reuses the longest
+        stored prefix and stores the sequence (``hf_prefix_cache.scoring.score``)."""
+        return scoring.score(self, input_ids, attention_mask, logits_to_keep=logits_to_keep)
+
+    def continuation_logprobs(self, context, continuation) -> scoring.Continuation:
+        """Log-probs of ``continuation`` ids after ``context`` ids (``scoring.continuation_logprobs``)."""
+        return scoring.continuation_logprobs(self, context, continuation)
 
     # -- turning reuse off ------------------------------------------------------------------------
     def _fall_back(self, reason: str) -> None:
