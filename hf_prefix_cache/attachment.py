@@ -43,11 +43,11 @@ class Attachment:
         self.pool = ViewPool(self._new_view, self._retire)
         self._local = threading.local()  # .active: an attached call is in flight on this thread
         if cache.store is not None:
-            cache._counters = SummedCounters(cache.store, self.pool)
+            cache.counters = SummedCounters(cache.store, self.pool)
 
     def _retire(self, view: PrefixCache) -> None:
-        if isinstance(self.cache._counters, SummedCounters):
-            self.cache._counters.retire(view)
+        if isinstance(self.cache.counters, SummedCounters):
+            self.cache.counters.retire(view)
 
     def _new_view(self) -> PrefixCache:
         cache = self.cache
@@ -69,7 +69,7 @@ class Attachment:
             return run_generate(view, original, args, {**kwargs, CACHE_KWARG: view})
         finally:
             self._local.active = False
-            self.cache._counters.last_call = view.last_call
+            self.cache.counters.last_call = view.last_call
             self.pool.checkin(view)
 
 
@@ -86,7 +86,7 @@ def leave_alone(cache: PrefixCache, args: tuple, kwargs: dict) -> bool:
     if config.use_cache is False or getattr(config, "cache_implementation", None) not in (None, "hybrid"):
         return True
     if (stale := cache.stale_reason()) is not None:
-        cache._warn(f"hf_prefix_cache.attach: {stale}; calls run plain generate()", key="attach-stale")
+        cache.warn_once(f"hf_prefix_cache.attach: {stale}; calls run plain generate()", key="attach-stale")
         return True
     return False
 

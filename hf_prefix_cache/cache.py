@@ -142,7 +142,7 @@ class PrefixCache(DynamicCache, Served):
                 layers = prefix_layers(layouts)
         if layers is None:
             layers = DynamicCache(config=model.config.get_text_config(decoder=True)).layers
-            self._warn(REUSE_OFF.format(self.fallback))
+            self.warn_once(REUSE_OFF.format(self.fallback))
         Cache.__init__(self, layers=layers)
         self._identity = Identity(model, self.cache_salt, self.extra_keys)
         self._dtypes_and_devices = self._identity.watch.dtypes_and_devices()
@@ -288,12 +288,12 @@ class PrefixCache(DynamicCache, Served):
     def _fall_back(self, reason: str) -> None:
         """Turn prefix reuse off for good: every later call recomputes (a first call found the reason)."""
         self.fallback, self.store = reason, None
-        self._warn(REUSE_OFF.format(reason))
+        self.warn_once(REUSE_OFF.format(reason))
 
     def _refuse(self, problem: str) -> None:
         self._counters.record_refusal(problem)
         logger.info("PrefixCache stored nothing from a call: %s", problem)
-        self._warn(
+        self.warn_once(
             "PrefixCache: stored nothing from a call whose K/V it cannot vouch for ("
             f"{problem}); counted in cache.stats.refused_calls, warned once",
             key="refused",
@@ -321,7 +321,7 @@ class PrefixCache(DynamicCache, Served):
         return self._ownership.generating_here()
 
     def recompute_call(self, reason: str, input_ids) -> None:
-        self._warn(f"PrefixCache: {reason}; this call recomputes the whole prompt without the cache")
+        self.warn_once(f"PrefixCache: {reason}; this call recomputes the whole prompt without the cache")
         self._count_fallback(input_ids)
 
     def start_generate(self, decode_masks: bool) -> None:
@@ -422,6 +422,15 @@ class PrefixCache(DynamicCache, Served):
         self._counters.reset(self.store)
 
     @property
+    def counters(self) -> Counters:
+        """The call totals behind ``stats`` (``attach`` sums those of its views into them)."""
+        return self._counters
+
+    @counters.setter
+    def counters(self, counters: Counters) -> None:
+        self._counters = counters
+
+    @property
     def stats(self) -> CacheStats:
         return self._counters.snapshot(self.store, self.block_size, self.fallback)
 
@@ -453,7 +462,7 @@ class PrefixCache(DynamicCache, Served):
             return True
         return self.store.tiers.flush(timeout)
 
-    def _warn(self, message: str, key: str | None = None) -> None:
+    def warn_once(self, message: str, key: str | None = None) -> None:
         if (key or message) not in self._warned:
             self._warned.add(key or message)
             warnings.warn(message, PrefixCacheFallbackWarning, stacklevel=3)

@@ -115,6 +115,15 @@ class Counters:
         self.prompt_tokens += prompt
         self.hit_tokens += hit
 
+    def add(self, other: Counters) -> None:
+        """Add ``other``'s totals to these (the views of an attached cache into its own)."""
+        self.calls += other.calls
+        self.prompt_tokens += other.prompt_tokens
+        self.hit_tokens += other.hit_tokens
+        self.refused += other.refused
+        for tier, tokens in other.hit_tokens_by_tier.items():
+            self.hit_tokens_by_tier[tier] = self.hit_tokens_by_tier.get(tier, 0) + tokens
+
     def record_fallback(self, prompt_tokens: int) -> None:
         """A call recomputed without the cache: it reused nothing (the last call's stats say so)."""
         self.last_call = CallStats(prompt_tokens=prompt_tokens, computed_tokens=prompt_tokens)

@@ -67,13 +67,7 @@ class SummedCounters(Counters):
 
     def retire(self, view: Any) -> None:
         """Keep the totals of a view that goes away (detach)."""
-        counters = view._counters
-        self.calls += counters.calls
-        self.prompt_tokens += counters.prompt_tokens
-        self.hit_tokens += counters.hit_tokens
-        self.refused += counters.refused
-        for tier, tokens in counters.hit_tokens_by_tier.items():
-            self.hit_tokens_by_tier[tier] = self.hit_tokens_by_tier.get(tier, 0) + tokens
+        self.add(view.counters)
 
     def reset(self, store: Any = None) -> None:
         super().reset(store)
@@ -81,15 +75,9 @@ class SummedCounters(Counters):
             view.reset_stats()
 
     def snapshot(self, store: Any, block_size: int, fallback: str | None) -> CacheStats:
-        stats = super().snapshot(store, block_size, fallback)
+        total = Counters(store)
+        total.evictions_at_reset = self.evictions_at_reset
+        total.add(self)
         for view in list(self._pool.views):
-            counters = view._counters
-            stats.calls += counters.calls
-            stats.prompt_tokens += counters.prompt_tokens
-            stats.hit_tokens += counters.hit_tokens
-            stats.refused_calls += counters.refused
-            for tier, tokens in counters.hit_tokens_by_tier.items():
-                stats.hit_tokens_by_tier[tier] = stats.hit_tokens_by_tier.get(tier, 0) + tokens
-        stats.computed_tokens = stats.prompt_tokens - stats.hit_tokens
-        stats.hit_rate = stats.hit_tokens / stats.prompt_tokens if stats.prompt_tokens else 0.0
-        return stats
+            total.add(view.counters)
+        return Counters.snapshot(total, store, block_size, fallback)
