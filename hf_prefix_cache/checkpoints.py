@@ -25,6 +25,7 @@ from .placement import left_pad
 from .state_layers import LayerState, has_state
 
 DEFAULT_SNAPSHOT_EVERY = 32  # blocks between ladder snapshots inside one prompt (512 tokens at 16)
+TIER_STATE_LOOKUPS = 4  # longest hit candidates whose snapshot is looked for in the tiers, per row
 
 
 @dataclass
@@ -59,9 +60,12 @@ def snapshot_positions(start: int, end: int, size: int, every: int | None) -> li
     return sorted(p for p in wanted if p > start)
 
 
-def restart_point(store, row) -> tuple[int, object]:
+def restart_point(cache, call, row) -> tuple[int, object]:
     """Cut ``row.hits`` back to the longest prefix that ends on a stored snapshot, releasing the rest;
-    returns (blocks kept, the snapshot or None)."""
+    returns (blocks kept, the snapshot or None). The device's snapshots are searched first; then the
+    tiers', for the ``TIER_STATE_LOOKUPS`` longest candidates (each costs a file read or a round trip),
+    and a snapshot found there is promoted to the device."""
+    store = cache.store
     with store.lock:
         for count in range(len(row.hits), 0, -1):
             snapshot = store.snapshots.get(row.hits[count - 1])
@@ -69,9 +73,34 @@ def restart_point(store, row) -> tuple[int, object]:
                 break
         else:
             count, snapshot = 0, None
+    if store.tiers is not None:
+        for candidate in range(len(row.hits), max(count, len(row.hits) - TIER_STATE_LOOKUPS), -1):
+            promoted = promote_state(cache, call, row.hits[candidate - 1], candidate * store.block_size)
+            if promoted is not None:
+                count, snapshot = candidate, promoted
+                break
     extra, row.hits = row.hits[count:], row.hits[:count]
     store.release(extra)
     return count, snapshot
+
+
+def promote_state(cache, call, block, tokens: int):
+    """The tiers' snapshot ending with ``block`` (``tokens`` long), put into the device store; or None."""
+    store = cache.store
+    found = store.tiers.get_state(call.namespace, cache.extra_keys, block.block_hash)
+    if found is None or found[0] != tokens:
+        return None
+    layers = [
+        {i: tuple(None if t is None else t.to(layout.device) for t in pair) for i, pair in state.items()}
+        if state
+        else None
+        for state, layout in zip(found[1], store.layouts)
+    ]
+    with store.lock:
+        if block.block_hash is None or not store.snapshots.put(block, tokens, layers):
+            return None
+        call.state_sources.append(found[2])
+        return store.snapshots.get(block)
 
 
 class ScratchCache(DynamicCache):
@@ -174,7 +203,7 @@ def prepare_rows(cache, call, logits_to_keep: int, make_layers) -> list[int]:
     single = len(rows) == 1
     runs, hits = [], []
     for number, row in enumerate(rows):
-        count, snapshot = restart_point(store, row)
+        count, snapshot = restart_point(cache, call, row)
         start = count * size
         hits.append(start)
         end = max(0, len(row.tokens) - keep)
@@ -311,10 +340,17 @@ def store_row_states(cache, call, source: int, chain: list, tokens: list[int]) -
             reply = reply_states(cache.model, cache.fresh_layers, layers, call, prompt_end, tokens, size)
             if reply is not None:
                 found.append(reply)
-    count = 0
+    stored = []
     with store.lock:
         for pending in found:
             blocks = pending.tokens // size
             if 0 < blocks <= len(chain) and pending.tokens <= len(tokens):
-                count += store.snapshots.put(chain[blocks - 1], pending.tokens, pending.layers)
-    return count
+                block = chain[blocks - 1]
+                if store.snapshots.put(block, pending.tokens, pending.layers):
+                    stored.append((block.block_hash, pending))
+    if store.tiers is not None:  # written through, outside the lock (a disk write, a round trip)
+        for block_hash, pending in stored:
+            store.tiers.put_state(
+                call.namespace, cache.extra_keys, block_hash, pending.tokens, pending.layers
+            )
+    return len(stored)

@@ -181,3 +181,110 @@ def test_jamba_is_refused_up_front_and_recomputed_exactly():
     outcome = compare(model, cache, ids, **GREEDY)
     assert_exact(outcome.ref, outcome.out)
     assert outcome.hit_tokens == 0
+
+
+# -- tiers: snapshots travel with their blocks ---------------------------------------------------------------
+def _tier_chat(model, cache, first, second):
+    """Store ``first``; push it out of a 4-block pool with ``second``; then extend ``first``: its blocks
+    and its state at 32 tokens come back from the tier."""
+    for ids in (first, second):
+        compare(model, cache, ids, torch.ones_like(ids), max_new_tokens=4, pad_token_id=0)
+        cache.flush()
+    follow = cat(first, new_tokens(5, 30))
+    outcome = compare(model, cache, follow, torch.ones_like(follow), **GREEDY)
+    assert_exact(outcome.ref, outcome.out, label="from a tier")
+    return outcome
+
+
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_snapshots_are_kept_by_the_tiers_and_promoted_back(tier, tmp_path):
+    model = shared_hybrid("qwen3_5_text")
+    options = {"host_memory": "1MiB"} if tier == "host" else {"disk": tmp_path}
+    cache = PrefixCache(model, block_size=BLOCK, num_blocks=4, snapshot_memory="64KiB", **options)
+    outcome = _tier_chat(model, cache, random_ids(40, 31), random_ids(40, 32))
+    assert outcome.hit_tokens == 32 and cache.last_call.hit_tokens_by_tier == {tier: 32}
+    assert cache.stats.tier_errors == 0 and cache.store.pool.num_referenced == 0
+
+
+def test_a_new_process_resumes_from_the_disk_snapshots(tmp_path):
+    model = shared_hybrid("bamba")
+    first = PrefixCache(model, block_size=BLOCK, num_blocks=64, disk=tmp_path)
+    prompt = random_ids(37, 33)
+    turn = compare(model, first, prompt, torch.ones_like(prompt), max_new_tokens=6, pad_token_id=0)
+    first.flush()
+    assert any(path.suffix == ".kvs" for path in tmp_path.rglob("*"))
+    restarted = PrefixCache(model, block_size=BLOCK, num_blocks=64, disk=tmp_path)  # an empty device store
+    follow = cat(turn.out.sequences, new_tokens(9, 34))  # the state at the reply's end (40) comes from disk
+    outcome = compare(model, restarted, follow, torch.ones_like(follow), **GREEDY)
+    assert_exact(outcome.ref, outcome.out, label="restart")
+    assert outcome.hit_tokens == 40 and restarted.last_call.hit_tokens_by_tier == {"disk": 40}
+
+
+def test_a_tampered_state_entry_is_a_counted_miss_never_a_wrong_state(tmp_path):
+    model = shared_hybrid("bamba")
+    first = PrefixCache(model, block_size=BLOCK, num_blocks=64, disk=tmp_path, snapshot_every=None)
+    prompt = random_ids(37, 35)
+    compare(model, first, prompt, torch.ones_like(prompt), max_new_tokens=6, pad_token_id=0)
+    first.flush()
+    for path in tmp_path.rglob("*.kvs"):  # flip one byte of every state's payload
+        data = bytearray(path.read_bytes())
+        data[-7] ^= 0x40
+        path.write_bytes(bytes(data))
+    restarted = PrefixCache(model, block_size=BLOCK, num_blocks=64, disk=tmp_path, snapshot_every=None)
+    follow = cat(prompt, new_tokens(9, 36))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outcome = compare(model, restarted, follow, torch.ones_like(follow), **GREEDY)
+    assert_exact(outcome.ref, outcome.out, label="tampered")
+    assert outcome.hit_tokens == 0 and restarted.stats.tiers["disk"]["error_kinds"].get("checksum", 0) >= 1
+
+
+def test_a_second_process_resumes_from_the_remote_snapshots(server):
+    model = shared_hybrid("falcon_h1")
+    first = PrefixCache(model, block_size=BLOCK, num_blocks=64, remote=server.url, remote_min_tokens=0)
+    prompt = random_ids(37, 37)
+    turn = compare(model, first, prompt, torch.ones_like(prompt), max_new_tokens=6, pad_token_id=0)
+    first.flush()
+    other = PrefixCache(model, block_size=BLOCK, num_blocks=64, remote=server.url, remote_min_tokens=0)
+    follow = cat(turn.out.sequences, new_tokens(9, 38))
+    outcome = compare(model, other, follow, torch.ones_like(follow), **GREEDY)
+    assert_exact(outcome.ref, outcome.out, label="remote")
+    assert outcome.hit_tokens == 40 and other.last_call.hit_tokens_by_tier == {"remote": 40}
+    assert any(key.endswith(b":state") for key in server.client().keys("*"))
+
+
+def test_state_and_block_entries_are_never_read_as_each_other():
+    from hf_prefix_cache.tiers.entry import EntryError, decode, encode
+    from hf_prefix_cache.tiers.state_entry import decode_state, encode_state
+
+    model = shared_hybrid("lfm2")
+    cache = PrefixCache(model, block_size=BLOCK, num_blocks=64, snapshot_every=None)
+    prompt = random_ids(21, 39)
+    compare(model, cache, prompt, max_new_tokens=1, pad_token_id=0)
+    store = cache.store
+    [snapshot] = [s for s in store.snapshots.entries.values() if s.tokens == 16]
+    block = next(b for b in store.pool.blocks if b.ref == snapshot.block_ref)
+    namespace = bytes(16)
+    state = encode_state(namespace, block.block_hash, 16, snapshot.layers)
+    tokens, layers = decode_state(state, namespace, block.block_hash, store.layouts)
+    assert tokens == 16 and all(
+        torch.equal(a[i][part], b[i][part])
+        for a, b in zip(layers, snapshot.layers)
+        if a
+        for i in a
+        for part in (0, 1)
+        if a[i][part] is not None
+    )
+    with pytest.raises(EntryError, match="identity"):
+        decode_state(state, namespace, bytes(16), store.layouts)
+    from hf_prefix_cache.tiers.base import BlockData, BlockRequest
+
+    keys, values = zip(*(store.kv.read(i, [block.block_id]) for i in range(len(store.layouts))))
+    data = BlockData(block.block_hash, bytes(16), tuple(block.key[1]), list(keys), list(values))
+    entry = encode(namespace, data)
+    with pytest.raises(EntryError, match="magic"):
+        decode_state(entry, namespace, block.block_hash, store.layouts)
+    with pytest.raises(EntryError, match="magic"):
+        decode(
+            state, namespace, BlockRequest(block.block_hash, bytes(16), tuple(block.key[1])), store.layouts
+        )

@@ -136,3 +136,41 @@ def hybrid_states_not_restored() -> None:
                     state.zero_()
 
     StateMixin.load_states = zeros
+
+
+@mutant(
+    "tiers_drop_states",
+    breaks="the host, disk and remote tiers keep the snapshots of hybrid models beside their blocks",
+    tests=(
+        f"{HYBRID}::test_snapshots_are_kept_by_the_tiers_and_promoted_back[host]",
+        f"{HYBRID}::test_snapshots_are_kept_by_the_tiers_and_promoted_back[disk]",
+        f"{HYBRID}::test_a_new_process_resumes_from_the_disk_snapshots",
+        f"{HYBRID}::test_a_second_process_resumes_from_the_remote_snapshots",
+    ),
+)
+def tiers_drop_states() -> None:
+    from hf_prefix_cache.tiering import TierStack
+
+    TierStack.put_state = lambda self, *args, **kwargs: None
+
+
+@mutant(
+    "state_entry_unverified",
+    breaks="a state entry read from a shared tier is verified (checksum or MAC) before it is restored",
+    tests=(f"{HYBRID}::test_a_tampered_state_entry_is_a_counted_miss_never_a_wrong_state",),
+)
+def state_entry_unverified() -> None:
+    from hf_prefix_cache.tiers import state_entry
+
+    def make(decode_state):
+        def trusting(data, namespace, block_hash, layouts, key=None):
+            view = bytearray(data)  # re-sealed with whatever it holds: the reader trusts the bytes
+            view[state_entry._CHECKSUM_AT : state_entry.STATE_HEADER.size] = state_entry._NO_CHECKSUM
+            at = state_entry.STATE_HEADER.size
+            seal = state_entry._seal([bytes(view[:at]), bytes(view[at:])], key)
+            view[state_entry._CHECKSUM_AT : at] = seal
+            return decode_state(bytes(view), namespace, block_hash, layouts, key)
+
+        return trusting
+
+    replace_function("hf_prefix_cache.tiers.state_entry", "decode_state", make)
