@@ -31,8 +31,10 @@ def chat(model, cache, turns: int = 3, first: int = 21, user: int = 9, seed: int
     ids = random_ids(first, seed)
     hits, ideal, stored = [], [], 0
     for turn in range(turns):
+        predicted = cache.explain(ids).hit_tokens
         outcome = compare(model, cache, ids, torch.ones_like(ids), **{**GREEDY, **kwargs})
         assert_exact(outcome.ref, outcome.out, label=f"turn {turn}")
+        assert outcome.hit_tokens == predicted, "explain() says what a hybrid model's call reuses"
         hits.append(outcome.hit_tokens)
         # a pure-attention model hits every stored full block short of the last prompt token
         ideal.append(min(stored, (ids.shape[1] - 1) // BLOCK * BLOCK))
@@ -288,3 +290,19 @@ def test_state_and_block_entries_are_never_read_as_each_other():
         decode(
             state, namespace, BlockRequest(block.block_hash, bytes(16), tuple(block.key[1])), store.layouts
         )
+
+
+def test_explain_reports_the_hit_up_to_the_longest_snapshot():
+    model = shared_hybrid("olmo_hybrid")
+    cache = PrefixCache(model, block_size=BLOCK, num_blocks=64, snapshot_every=2)
+    prompt = random_ids(37, 40)
+    compare(model, cache, prompt, torch.ones_like(prompt), max_new_tokens=1, pad_token_id=0)
+    follow = cat(prompt, new_tokens(4, 41))
+    assert cache.explain(follow).hit_tokens == 32
+    with cache.store.lock:  # drop the state at 32: the blocks still match, the ladder's state at 16 remains
+        del cache.store.snapshots.entries[cache.store.pool.blocks[3].block_hash]
+    report = cache.explain(follow)
+    assert report.hit_tokens == 16 and report.matched_tokens == 32
+    outcome = compare(model, cache, follow, torch.ones_like(follow), **GREEDY)
+    assert_exact(outcome.ref, outcome.out, label="explained")
+    assert outcome.hit_tokens == 16

@@ -174,3 +174,14 @@ def state_entry_unverified() -> None:
         return trusting
 
     replace_function("hf_prefix_cache.tiers.state_entry", "decode_state", make)
+
+
+@mutant(
+    "explain_ignores_snapshots",
+    breaks="explain() reports the hit a hybrid model's call gets: up to its longest snapshot",
+    tests=(f"{HYBRID}::test_explain_reports_the_hit_up_to_the_longest_snapshot",),
+)
+def explain_ignores_snapshots() -> None:
+    from hf_prefix_cache.snapshots import SnapshotStore
+
+    SnapshotStore.peek = lambda self, block: True
