@@ -306,3 +306,30 @@ def test_explain_reports_the_hit_up_to_the_longest_snapshot():
     outcome = compare(model, cache, follow, torch.ones_like(follow), **GREEDY)
     assert_exact(outcome.ref, outcome.out, label="explained")
     assert outcome.hit_tokens == 16
+
+
+def test_a_batch_row_with_a_single_token_starts_fresh_beside_rows_that_hit():
+    model = shared_hybrid("nemotron_h")
+    cache = PrefixCache(model, block_size=BLOCK, num_blocks=128)
+    long = random_ids(29, 42)[0].tolist()
+    compare(model, cache, torch.tensor([long]), max_new_tokens=1, pad_token_id=0)
+    ids, mask = left_pad([long + new_tokens(3, 43), new_tokens(1, 44)])
+    outcome = compare(model, cache, ids, mask, **GREEDY)
+    assert_exact(outcome.ref, outcome.out, label="one-token row")
+    assert outcome.hit_tokens == 24 and cache.store.pool.num_referenced == 0
+
+
+def test_training_mode_on_a_hybrid_model_recomputes_and_stores_nothing():
+    model = hybrid_model("qwen3_5_text")
+    cache = PrefixCache(model, block_size=BLOCK, num_blocks=128)
+    prompt = random_ids(29, 45)
+    compare(model, cache, prompt, max_new_tokens=1, pad_token_id=0)
+    stored = (cache.stats.stored_blocks, cache.stats.snapshots)
+    model.train()  # dropout is 0 in these configs, but K/V in training mode are not what eval mode computes
+    try:
+        follow = cat(prompt, new_tokens(6, 46))
+        outcome = compare(model, cache, follow, torch.ones_like(follow), **GREEDY)
+    finally:
+        model.eval()
+    assert_exact(outcome.ref, outcome.out, label="training mode")
+    assert outcome.hit_tokens == 0 and (cache.stats.stored_blocks, cache.stats.snapshots) == stored
