@@ -333,3 +333,15 @@ def test_training_mode_on_a_hybrid_model_recomputes_and_stores_nothing():
         model.eval()
     assert_exact(outcome.ref, outcome.out, label="training mode")
     assert outcome.hit_tokens == 0 and (cache.stats.stored_blocks, cache.stats.snapshots) == stored
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_text", "bamba", "lfm2"])
+def test_bf16_hybrids_are_exact_under_the_low_precision_rule(family):
+    model = hybrid_model(family, dtype=torch.bfloat16)
+    cache = PrefixCache(model, block_size=BLOCK, num_blocks=128)
+    ids = random_ids(21, 47)
+    for turn in range(3):
+        outcome = compare(model, cache, ids, torch.ones_like(ids), **GREEDY)
+        assert_exact(outcome.ref, outcome.out, torch.bfloat16, label=f"bf16 turn {turn}")
+        ids = cat(outcome.out.sequences, new_tokens(9, 48 + turn))
+    assert outcome.hit_tokens > 0 and cache.stats.snapshot_hits == 2
