@@ -345,3 +345,25 @@ def test_bf16_hybrids_are_exact_under_the_low_precision_rule(family):
         assert_exact(outcome.ref, outcome.out, torch.bfloat16, label=f"bf16 turn {turn}")
         ids = cat(outcome.out.sequences, new_tokens(9, 48 + turn))
     assert outcome.hit_tokens > 0 and cache.stats.snapshot_hits == 2
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_fast_and_reference_kernels_take_the_same_cache_calls(family):
+    """On CPU the models run their pure-torch reference kernels; on a GPU with fla / causal-conv1d /
+    mamba-ssm installed, faster ones. Snapshots are exact for both only if the cache is read and written
+    the same way whichever runs: in this transformers, one mixer forward calls the kernels through
+    ``use_kernel_func_from_hub_with_fallback`` (the kernel is swapped at the call site) and no kernel
+    is handed the cache. A later version that splits the paths again fails here, not silently on a GPU."""
+    import importlib
+    import inspect
+    import re
+
+    from transformers import CONFIG_MAPPING
+
+    modeling = CONFIG_MAPPING[family].__module__.replace(".configuration_", ".modeling_")
+    source = inspect.getsource(importlib.import_module(modeling))
+    assert not re.search(r"def (cuda_kernels_forward|torch_forward|slow_forward)\(", source)
+    kernels = re.findall(r"@use_kernel_func_from_hub_with_fallback\([^)]*\)\s*def (\w+)\(([^)]*)\)", source)
+    assert kernels, "the kernels are chosen at their call sites"
+    for name, parameters in kernels:
+        assert not re.search(r"\b(cache|past_key_values|cache_params)\b", parameters), name
