@@ -266,6 +266,15 @@ def test_other_models_weights_salts_and_key_prefixes_never_hit(cluster):
         assert outcome.hit_tokens == 0 and reader.stats.tier_errors == 0, label
 
 
+def test_a_cluster_that_cannot_be_reached_constructs_and_every_lookup_is_a_counted_miss(cluster):
+    requests, blocks = stored(cluster)
+    dead = RemoteTier("redis+cluster://127.0.0.1:1,127.0.0.1:2", LAYOUT, min_tokens=0, backoff_s=30)
+    with pytest.warns(TierWarning, match="connection"):
+        assert dead.get(tier_ns(), requests) == [] and dead.get(tier_ns(), requests) == []
+    assert dead.counters.error_kinds == {"connection": 1} and dead.counters.unavailable == 1
+    assert len(tier(cluster).get(tier_ns(), requests)) == len(blocks)  # positive control
+
+
 def test_auth_on_a_cluster_takes_the_single_server_url_form(cluster):
     requests, blocks = stored(cluster)
     clients = [cluster.client(node.port) for node in cluster.nodes]

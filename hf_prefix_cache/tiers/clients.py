@@ -65,6 +65,9 @@ class ServerClient:
                 "host:port,...' (rediss+cluster:// for TLS) so keys go to the node that owns their slot"
             )
 
+    def after_fork(self) -> None:
+        """Nothing to renew: redis-py's pool opens new connections in a child itself."""
+
     def exists(self, keys: Sequence[str]) -> list[bool]:
         with self.redis.pipeline(transaction=False) as pipe:
             for key in keys:

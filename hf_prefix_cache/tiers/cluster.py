@@ -100,6 +100,10 @@ class ClusterClient:
         except errors.ConnectionError as error:  # nothing reachable now: the tier backs off and retries
             logger.debug("remote tier: cluster %s not reachable yet (%r)", self.url, error)
 
+    def after_fork(self) -> None:
+        """In a forked child: a new lock (a parent thread may have held this one at the fork)."""
+        self._lock = threading.Lock()
+
     # -- topology ------------------------------------------------------------------------------------
     def _connect(self) -> None:
         """Read the slot map from the startup nodes (a non-cluster server there is a ValueError)."""

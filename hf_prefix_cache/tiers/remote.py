@@ -139,6 +139,7 @@ class RemoteTier(Tier):
     def _after_fork(self) -> None:
         super()._after_fork()
         self._state_lock = threading.Lock()
+        self.client.after_fork()
 
     # -- keys ----------------------------------------------------------------------------------------
     def key(self, namespace: bytes, block_hash: bytes) -> str:
