@@ -3,7 +3,7 @@ costing only its own blocks with its own back-off, and redirects (MOVED/ASK) fol
 
 from __future__ import annotations
 
-from mutants.base import mutant
+from mutants.base import mutant, replace_function
 
 CLUSTER_TESTS = "tests/test_tier_cluster.py::"
 
@@ -72,3 +72,58 @@ def cluster_redirects_ignored() -> None:
     from hf_prefix_cache.tiers import cluster
 
     cluster.REDIRECTS = 1
+
+
+@mutant(
+    "cluster_map_never_refreshed",
+    breaks="the slot map is read again after a node failed or a slot moved (failover, resharding)",
+    tests=(
+        CLUSTER_TESTS + "test_failover_to_a_replica_during_a_run_is_exact_and_hits_resume",
+        CLUSTER_TESTS + "test_slot_migration_during_a_run_is_exact_with_hits",
+    ),
+)
+def cluster_map_never_refreshed() -> None:
+    """The slot map read at construction is kept for good."""
+    from hf_prefix_cache.tiers.cluster import ClusterClient
+
+    original = ClusterClient._topology
+
+    def first_map(self):
+        if self.cluster is None:
+            return original(self)
+        return self.cluster
+
+    ClusterClient._topology = first_map
+
+
+@mutant(
+    "cluster_url_kind_unchecked",
+    breaks="a plain URL at a cluster node is refused at construction, naming redis+cluster://",
+    tests=(
+        CLUSTER_TESTS + "test_a_cluster_url_at_one_server_and_a_plain_url_at_a_cluster_node_name_the_fix",
+    ),
+)
+def cluster_url_kind_unchecked() -> None:
+    from hf_prefix_cache.tiers.clients import ServerClient
+
+    ServerClient._refuse_a_cluster_node = lambda self, url, redis: None
+
+
+@mutant(
+    "cluster_url_drops_password",
+    breaks="a cluster URL's user:password@ reaches every node (AUTH as for one server)",
+    tests=(
+        CLUSTER_TESTS + "test_auth_on_a_cluster_takes_the_single_server_url_form",
+        CLUSTER_TESTS + "test_cluster_urls_take_tls_auth_and_options_like_single_server_urls",
+    ),
+)
+def cluster_url_drops_password() -> None:
+    def make(original):
+        def without_password(url, redis):
+            nodes, options = original(url, redis)
+            options.pop("password", None)
+            return nodes, options
+
+        return without_password
+
+    replace_function("hf_prefix_cache.tiers.cluster", "parse_cluster_url", make)
