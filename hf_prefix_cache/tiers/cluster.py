@@ -135,7 +135,10 @@ class ClusterClient:
         """The ``RedisCluster`` with a fresh enough slot map (read again once a back-off after a node
         failed or a slot moved); raises ConnectionError when no node answers."""
         if self.cluster is None:
-            self._connect()
+            try:
+                self._connect()
+            except ValueError as error:  # came up as a plain server: a miss and a back-off, never a crash
+                raise self.redis.exceptions.ConnectionError(str(error)) from error
             return self.cluster
         now = time.monotonic()
         if self._stale and now >= self._refresh_at:
