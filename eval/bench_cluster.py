@@ -24,7 +24,7 @@ import torch
 from hf_prefix_cache import CACHE_KWARG, PrefixCache
 
 from .bench_common import finish, print_modes, prompts_for, timed, verdict
-from .local_cluster import keys_per_master, local_cluster
+from .local_redis import keys_per_master, local_cluster, local_server
 from .models import load_model
 
 TARGET = 1.1
@@ -114,10 +114,8 @@ def run_benchmark(urls: dict[str, str], prefix_tokens: int, new_tokens: int, rep
 
 def main(args) -> int:
     """``bench_remote --cluster``: start what ``--url`` / ``--cluster-url`` do not name, run, print."""
-    from .bench_remote import redis_server
-
     with ExitStack() as stack:
-        server = args.url or stack.enter_context(redis_server())
+        server = args.url or stack.enter_context(local_server())
         cluster = args.cluster_url or stack.enter_context(local_cluster(3))
         result = run_benchmark(
             {"remote_warm": server, "cluster_warm": cluster},

@@ -1,6 +1,6 @@
-"""A throw-away local Redis Cluster for the benchmarks: ``masters`` redis-server nodes on free localhost
-ports (each with its bus port, +10000, free too), joined with ``redis-cli --cluster create``; yields
-the ``redis+cluster://`` URL and stops every node on exit."""
+"""Throw-away local Redis for the benchmarks: one server, or a cluster of ``masters`` redis-server nodes
+on free localhost ports (each with its bus port, +10000, free too) joined with ``redis-cli --cluster
+create``; each yields its URL and stops its processes on exit."""
 
 from __future__ import annotations
 
@@ -12,6 +12,49 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def start_node(server: str, port: int, folder: Path, maxmemory: str, *extra: str) -> subprocess.Popen:
+    command = [
+        server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        "--maxmemory", maxmemory, "--maxmemory-policy", "allkeys-lru", "--dir", str(folder), *extra,
+    ]  # fmt: skip
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_until_up(clients, seconds: float = 15) -> None:
+    import redis
+
+    deadline = time.monotonic() + seconds
+    for client in clients:
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.exceptions.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise SystemExit("redis-server did not start") from None
+                time.sleep(0.05)
+
+
+@contextmanager
+def local_server(maxmemory: str = "2gb"):
+    """Yield ``redis://127.0.0.1:P/0`` for a fresh server (as ``bench_remote.redis_server``)."""
+    server = shutil.which("redis-server")
+    if server is None:
+        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+    import redis
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-redis-"))
+    port = free_cluster_port()
+    process = start_node(server, port, folder, maxmemory)
+    try:
+        wait_until_up([redis.Redis(host="127.0.0.1", port=port)])
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(10)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def free_cluster_port() -> int:
@@ -41,24 +84,12 @@ def local_cluster(masters: int = 3, maxmemory: str = "2gb"):
     try:
         for port in ports:
             (folder / str(port)).mkdir()
-            command = [
-                server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--maxmemory", maxmemory, "--maxmemory-policy", "allkeys-lru",
-                "--dir", str(folder / str(port)), "--cluster-enabled", "yes",
-                "--cluster-config-file", "nodes.conf", "--cluster-require-full-coverage", "no",
-            ]  # fmt: skip
-            processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            processes.append(
+                start_node(server, port, folder / str(port), maxmemory, "--cluster-enabled", "yes",
+                           "--cluster-config-file", "nodes.conf", "--cluster-require-full-coverage", "no")
+            )  # fmt: skip
         clients = [redis.Redis(host="127.0.0.1", port=port, socket_timeout=5) for port in ports]
-        deadline = time.monotonic() + 15
-        for client in clients:
-            while True:
-                try:
-                    client.ping()
-                    break
-                except redis.exceptions.ConnectionError:
-                    if time.monotonic() > deadline:
-                        raise SystemExit("a cluster node did not start") from None
-                    time.sleep(0.05)
+        wait_until_up(clients)
         nodes = [f"127.0.0.1:{port}" for port in ports]
         made = subprocess.run(
             [cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
