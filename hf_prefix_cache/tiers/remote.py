@@ -328,19 +328,20 @@ class RemoteTier(Tier):
             return
         value = encode_state(namespace, block_hash, tokens, layers, self.mac_key)
         try:
-            self.client.set(self.state_key(namespace, block_hash), value, px=self.ttl_ms)
+            landed = self.client.write([(self.state_key(namespace, block_hash), value)], [], self.ttl_ms)
         except self._redis_errors as error:
             self._failed(error, "storing a state on")
             return
         self._succeeded()
-        self.count(bytes_written=len(value))
+        if landed[0]:  # (a failed cluster node was counted by the client's report)
+            self.count(bytes_written=len(value))
 
     def get_state(self, namespace: bytes, block_hash: bytes, layouts: list) -> tuple[int, list] | None:
         if not self.available():
             return None
         key = self.state_key(namespace, block_hash)
         try:
-            value = self.client.get(key)
+            value = self.client.mget([key])[0]
         except self._redis_errors as error:
             self._failed(error, "fetching a state from")
             return None
