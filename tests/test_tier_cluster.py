@@ -143,14 +143,12 @@ def test_a_stalled_node_costs_one_timeout_not_a_hang(cluster):
     resume.start()
     try:
         with pytest.warns(TierWarning, match="timeout"):
-            started = time.monotonic()
             got = reader.get(tier_ns(), requests)
-            elapsed = time.monotonic() - started
-        still_stalled = resume.is_alive()
+        still_stalled = resume.is_alive()  # it returned while the node was still stopped: no hang
     finally:
         resume.cancel()
         cluster.node(victim).resume()
-    assert still_stalled and elapsed < 5.0, "the lookup must give up on the stalled node"
+    assert still_stalled, "the lookup must give up on the stalled node, not wait for it"
     assert same_kv(got, blocks[:cut]) and reader.counters.error_kinds == {"timeout": 1}
 
 
