@@ -127,3 +127,15 @@ def cluster_url_drops_password() -> None:
         return without_password
 
     replace_function("hf_prefix_cache.tiers.cluster", "parse_cluster_url", make)
+
+
+@mutant(
+    "cluster_keys_ignore_prefix",
+    breaks="key_prefix keeps deployments apart on a shared cluster",
+    tests=(CLUSTER_TESTS + "test_other_models_weights_salts_and_key_prefixes_never_hit",),
+)
+def cluster_keys_ignore_prefix() -> None:
+    """Deployments with different key_prefix share keys."""
+    from hf_prefix_cache.tiers.remote import RemoteTier
+
+    RemoteTier.key = lambda self, namespace, block_hash: f"{namespace.hex()}:{block_hash.hex()}"
