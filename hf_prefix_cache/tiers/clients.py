@@ -2,11 +2,12 @@
 
 ``ServerClient`` talks to one Redis/Valkey server (``redis://``, ``rediss://``, ``unix://``);
 ``cluster.ClusterClient`` to a cluster (``redis+cluster://``); ``remote.connect`` picks one by scheme.
-Both offer the same five operations on lists of keys, in the order given:
+Both offer the same operations on lists of keys, replies in the order given:
 
 - ``exists(keys) -> list[bool]``, ``mget(keys) -> list[bytes | None]``,
 - ``write(sets, expires, px) -> list[bool]`` (``SET`` each ``(key, value)``, ``PEXPIRE`` each of
-  ``expires``; per set, whether it landed), ``delete(keys) -> int``, ``scan(pattern)`` and ``close()``.
+  ``expires``; per set, whether it landed), ``delete(keys) -> int``, ``scan(pattern)``, ``close()`` and
+  ``after_fork()``.
 
 A ``ServerClient`` raises redis-py's errors (the tier counts them and backs off). A ``ClusterClient``
 raises only when no node can be reached; a failed node turns into misses for its own keys.
@@ -15,6 +16,7 @@ raises only when no node can be reached; a failed node turns into misses for its
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator, Sequence
 
 logger = logging.getLogger(__name__)
@@ -99,6 +101,4 @@ class ServerClient:
 
 def _redact(url: str) -> str:
     """The URL without its password, for messages."""
-    import re
-
     return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
