@@ -237,8 +237,11 @@ class PrefixCache(DynamicCache, Served):
                 row_sources.extend(found.sources)
             hits = None
             if self.store.stateful:  # restart rows from snapshots, compute up to where states are wanted
-                hits = checkpoints.prepare_rows(self, call, logits_to_keep, self.fresh_layers)
-                call.recorder = checkpoints.StateRecorder(self, call)
+                if call.off_default:  # nothing stored fits the call and nothing of it will be stored
+                    hits, call.loaded = [0] * len(rows), 0
+                else:
+                    hits = checkpoints.prepare_rows(self, call, logits_to_keep, self.fresh_layers)
+                    call.recorder = checkpoints.StateRecorder(self, call)
             else:
                 call.loaded = min(row.pad + len(row.hits) * size for row in rows)
                 if call.loaded > 0:

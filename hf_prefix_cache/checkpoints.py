@@ -3,8 +3,8 @@ block boundaries where snapshots are wanted (a prefill split there), and generat
 
 Where snapshots are taken (``snapshot_positions``): the last block boundary a prompt's prefill reaches,
 every ``snapshot_every`` blocks inside a long prompt (a ladder, so a shared system prompt followed by other
-turns still hits), and during ``generate()`` the last boundary of prompt + reply (``StateRecorder``: the
-next turn continues from there). A batch of one prompt stops its prefill at the last wanted boundary and
+turns still hits), the prompt's end when it is a boundary (``StateRecorder``), and at commit the last
+boundary of prompt + reply (``reply_states``: the next turn continues from there). A batch of one prompt stops its prefill at the last wanted boundary and
 lets ``generate()`` do the rest; a batch of several runs every row alone up to its last prompt token(s),
 since rows that restart from different snapshots cannot share a padded forward (masked pads after a
 restored state change it).
@@ -35,7 +35,6 @@ class Pending:
     source: int  # cache row
     tokens: int  # real tokens of that row before the state
     layers: list[LayerState | None]
-    in_reply: bool = False  # after the prompt: valid only if the row's reply is stored as generated
 
 
 @dataclass
@@ -164,7 +163,7 @@ class ComputedPrefix:
         """Slots ``first:loaded`` of row ``number`` (fewer where its padding starts later)."""
         row, run = self.call.rows[number], self.runs[number]
         start, end = max(first - row.pad, 0), self.loaded - row.pad
-        if end <= 0 or run.keys[index] is None:
+        if end <= 0 or not run.keys or run.keys[index] is None:
             return None
         return run.keys[index][:, start:end], run.values[index][:, start:end]
 
@@ -192,7 +191,9 @@ class ComputedPrefix:
         return keys, values
 
     def states(self, index: int) -> list[LayerState | None]:
-        return [run.states[index] for run in self.runs for _ in range(self.call.expand)]
+        return [
+            run.states[index] if run.states else None for run in self.runs for _ in range(self.call.expand)
+        ]
 
 
 def prepare_rows(cache, call, logits_to_keep: int, make_layers) -> list[int]:
@@ -294,7 +295,7 @@ def reply_states(model, make_layers, layers: list, call, prompt_end: Pending, to
             **{CACHE_KWARG: ScratchCache(scratch)},
         )
     states = [layer.states(0) if has_state(layer) else None for layer in scratch]
-    return Pending(prompt_end.source, boundary, states, in_reply=True)
+    return Pending(prompt_end.source, boundary, states)
 
 
 _active = threading.local()  # the recorder of the call this thread serves

@@ -65,6 +65,11 @@ class SnapshotStore:
         self.entries.move_to_end(block.block_hash)
         return snapshot
 
+    def peek(self, block: Block) -> bool:
+        """Whether ``get(block)`` would find a snapshot; changes nothing (for ``explain``)."""
+        snapshot = self.entries.get(block.block_hash) if block.block_hash is not None else None
+        return snapshot is not None and snapshot.block_ref == block.ref
+
     def put(self, block: Block, tokens: int, layers: list[LayerState | None]) -> bool:
         """Keep the state after ``tokens`` tokens, ending with ``block``; False when it cannot fit."""
         if block.block_hash is None:

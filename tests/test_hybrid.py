@@ -31,8 +31,10 @@ def chat(model, cache, turns: int = 3, first: int = 21, user: int = 9, seed: int
     ids = random_ids(first, seed)
     hits, ideal, stored = [], [], 0
     for turn in range(turns):
+        predicted = cache.explain(ids).hit_tokens
         outcome = compare(model, cache, ids, torch.ones_like(ids), **{**GREEDY, **kwargs})
         assert_exact(outcome.ref, outcome.out, label=f"turn {turn}")
+        assert outcome.hit_tokens == predicted, "explain() says what a hybrid model's call reuses"
         hits.append(outcome.hit_tokens)
         # a pure-attention model hits every stored full block short of the last prompt token
         ideal.append(min(stored, (ids.shape[1] - 1) // BLOCK * BLOCK))
@@ -288,3 +290,58 @@ def test_state_and_block_entries_are_never_read_as_each_other():
         decode(
             state, namespace, BlockRequest(block.block_hash, bytes(16), tuple(block.key[1])), store.layouts
         )
+
+
+def test_explain_reports_the_hit_up_to_the_longest_snapshot():
+    model = shared_hybrid("olmo_hybrid")
+    cache = PrefixCache(model, block_size=BLOCK, num_blocks=64, snapshot_every=2)
+    prompt = random_ids(37, 40)
+    compare(model, cache, prompt, torch.ones_like(prompt), max_new_tokens=1, pad_token_id=0)
+    follow = cat(prompt, new_tokens(4, 41))
+    assert cache.explain(follow).hit_tokens == 32
+    with cache.store.lock:  # drop the state at 32: the blocks still match, the ladder's state at 16 remains
+        del cache.store.snapshots.entries[cache.store.pool.blocks[3].block_hash]
+    report = cache.explain(follow)
+    assert report.hit_tokens == 16 and report.matched_tokens == 32
+    outcome = compare(model, cache, follow, torch.ones_like(follow), **GREEDY)
+    assert_exact(outcome.ref, outcome.out, label="explained")
+    assert outcome.hit_tokens == 16
+
+
+def test_a_batch_row_with_a_single_token_starts_fresh_beside_rows_that_hit():
+    model = shared_hybrid("nemotron_h")
+    cache = PrefixCache(model, block_size=BLOCK, num_blocks=128)
+    long = random_ids(29, 42)[0].tolist()
+    compare(model, cache, torch.tensor([long]), max_new_tokens=1, pad_token_id=0)
+    ids, mask = left_pad([long + new_tokens(3, 43), new_tokens(1, 44)])
+    outcome = compare(model, cache, ids, mask, **GREEDY)
+    assert_exact(outcome.ref, outcome.out, label="one-token row")
+    assert outcome.hit_tokens == 24 and cache.store.pool.num_referenced == 0
+
+
+def test_training_mode_on_a_hybrid_model_recomputes_and_stores_nothing():
+    model = hybrid_model("qwen3_5_text")
+    cache = PrefixCache(model, block_size=BLOCK, num_blocks=128)
+    prompt = random_ids(29, 45)
+    compare(model, cache, prompt, max_new_tokens=1, pad_token_id=0)
+    stored = (cache.stats.stored_blocks, cache.stats.snapshots)
+    model.train()  # dropout is 0 in these configs, but K/V in training mode are not what eval mode computes
+    try:
+        follow = cat(prompt, new_tokens(6, 46))
+        outcome = compare(model, cache, follow, torch.ones_like(follow), **GREEDY)
+    finally:
+        model.eval()
+    assert_exact(outcome.ref, outcome.out, label="training mode")
+    assert outcome.hit_tokens == 0 and (cache.stats.stored_blocks, cache.stats.snapshots) == stored
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_text", "bamba", "lfm2"])
+def test_bf16_hybrids_are_exact_under_the_low_precision_rule(family):
+    model = hybrid_model(family, dtype=torch.bfloat16)
+    cache = PrefixCache(model, block_size=BLOCK, num_blocks=128)
+    ids = random_ids(21, 47)
+    for turn in range(3):
+        outcome = compare(model, cache, ids, torch.ones_like(ids), **GREEDY)
+        assert_exact(outcome.ref, outcome.out, torch.bfloat16, label=f"bf16 turn {turn}")
+        ids = cat(outcome.out.sequences, new_tokens(9, 48 + turn))
+    assert outcome.hit_tokens > 0 and cache.stats.snapshot_hits == 2

@@ -121,7 +121,13 @@ def snapshot_ladder_off() -> None:
 @mutant(
     "hybrid_states_not_restored",
     breaks="a hit on a hybrid model restores the recurrent states of its snapshot",
-    tests=(f"{FAMILY}[lfm2]", f"{FAMILY}[nemotron_h]", f"{FAMILY}[zamba2]"),
+    tests=(
+        f"{FAMILY}[lfm2]",
+        f"{FAMILY}[nemotron_h]",
+        f"{FAMILY}[zamba2]",
+        f"{HYBRID}::test_bf16_hybrids_are_exact_under_the_low_precision_rule[bamba]",
+        f"{HYBRID}::test_a_batch_row_with_a_single_token_starts_fresh_beside_rows_that_hit",
+    ),
 )
 def hybrid_states_not_restored() -> None:
     from hf_prefix_cache.state_layers import StateMixin
@@ -174,3 +180,14 @@ def state_entry_unverified() -> None:
         return trusting
 
     replace_function("hf_prefix_cache.tiers.state_entry", "decode_state", make)
+
+
+@mutant(
+    "explain_ignores_snapshots",
+    breaks="explain() reports the hit a hybrid model's call gets: up to its longest snapshot",
+    tests=(f"{HYBRID}::test_explain_reports_the_hit_up_to_the_longest_snapshot",),
+)
+def explain_ignores_snapshots() -> None:
+    from hf_prefix_cache.snapshots import SnapshotStore
+
+    SnapshotStore.peek = lambda self, block: True
