@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument(
         "--remote",
         default=None,
-        help="PrefixCache Redis/Valkey tier URL (redis://HOST:PORT/DB): alone, the single-process "
+        help="PrefixCache Redis/Valkey tier URL (redis://HOST:PORT/DB, or redis+cluster://H:P,H:P,... for a "
+        "cluster): alone, the single-process "
         "prefix_cache mode gets it; with --workers, the workers share it (keys under this run's own prefix)",
     )
     cache.add_argument(

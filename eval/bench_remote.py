@@ -13,6 +13,8 @@ side mean anything on a shared machine).
 Prints the TTFT ratio (target >= 8x), the bytes per block on the server and the achieved Redis read
 throughput (bytes fetched / seconds in MGET, decode excluded). Run:
 ``python -m hf_prefix_cache_eval.bench_remote --prefix-tokens 2000 --new-tokens 32``.
+``--cluster`` instead compares remote-warm on a local 3-master Redis Cluster with remote-warm on one
+server, interleaved (``bench_cluster.py``).
 """
 
 from __future__ import annotations
@@ -172,10 +174,18 @@ def main(argv: list[str] | None = None) -> int:
     add_prompt_options(parser, 5, "timed repetitions per mode")
     parser.add_argument("--url", help="an existing Redis/Valkey server (default: start a throw-away one)")
     parser.add_argument("--fill", metavar="URL", help=argparse.SUPPRESS)  # the filler subprocess
+    parser.add_argument(
+        "--cluster", action="store_true", help="remote-warm on a 3-master cluster vs on one server"
+    )
+    parser.add_argument("--cluster-url", help="with --cluster: an existing redis+cluster:// cluster")
     args = parser.parse_args(argv)
     if args.fill:
         print(json.dumps(fill(args.fill, args.prefix_tokens)), flush=True)
         return 0
+    if args.cluster:
+        from .bench_cluster import main as cluster_main
+
+        return cluster_main(args)
     if args.url:
         result = run_benchmark(args.url, args.prefix_tokens, args.new_tokens, args.repeats)
     else:

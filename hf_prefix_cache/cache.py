@@ -75,6 +75,7 @@ class PrefixCache(DynamicCache, Served):
         disk: a folder for a disk tier that survives restarts and may be shared by processes.
         disk_size: the most the disk folder may hold (least recently used entries go first).
         remote: a Redis/Valkey URL ("redis://host:6379/0", "rediss://user:password@host", "unix:///path")
+            or a cluster's ("redis+cluster://host:7000,host:7001,host:7002", "rediss+cluster://...")
             for a tier that processes and hosts share; needs ``pip install hf_prefix_cache[redis]``.
         remote_min_tokens: fetch from the server only when it holds at least this many more tokens
             of the prompt (default 32): a short remote hit costs more than recomputing it.

@@ -3,8 +3,12 @@
 # torch is pinned through constraints.txt to the CPU wheel; an open range would pull a CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The remote-tier tests start a real redis-server (Debian package); CI runs as root on a clean machine.
-command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+# The remote-tier tests start a real redis-server (Debian package), and the cluster tests join nodes with
+# redis-cli --cluster create (Debian's redis-tools, a dependency of redis-server, checked on its own in case
+# only the server binary is there); CI runs as root on a clean machine.
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq redis-server redis-tools
+fi
 VENV="${HF_PREFIX_CACHE_VENV:-.venv}"
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"

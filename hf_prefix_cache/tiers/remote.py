@@ -1,4 +1,5 @@
-"""The remote tier: one Redis (or Valkey) server that many processes and hosts share as a prefix cache.
+"""The remote tier: one Redis (or Valkey) server, or a Redis Cluster, that many processes and hosts
+share as a prefix cache.
 
 - **Keys** are ``<key_prefix>:<namespace digest hex>:<block hash hex>`` (about 70 bytes, never Python
   ``hash()``): the namespace digest covers model fingerprint, salt, layout, block size and format, so
@@ -21,6 +22,10 @@
   command waits at most ``timeout`` seconds per round trip (connect and read), so ``generate()`` never
   hangs on a dead or stalled server.
 
+- **Cluster** (``redis+cluster://host:port,host:port,...``): the same keys, values and reads through
+  ``cluster.ClusterClient`` (one pipeline per node, replies merged in chain order); a failed node is a
+  miss for its own blocks only, with its own back-off (see ``cluster.py``).
+
 ``redis`` (redis-py) is an optional dependency: ``pip install hf_prefix_cache[redis]``.
 """
 
@@ -37,6 +42,8 @@ from dataclasses import dataclass
 from ..layout import LayerLayout
 from ..memory import parse_bytes
 from .base import BlockData, BlockRequest, Tier, TierCounters
+from .clients import ServerClient, _redact, import_redis
+from .cluster import ClusterClient, is_cluster_url
 from .entry import EntryError, TierKey, decode, encode
 from .kind import TierKind
 from .state_entry import decode_state, encode_state
@@ -52,7 +59,6 @@ FETCH_BATCH = 32  # blocks per MGET: bounds one reply (32 SmolLM2 blocks are abo
 WRITE_BATCH = 16  # blocks per writer round trip
 KNOWN_LIMIT = 65536  # keys this process remembers as present on the server
 KEY_PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_.:/@-]{1,64}")
-INSTALL_HINT = "the remote tier needs redis-py: pip install hf_prefix_cache[redis]"
 
 
 @dataclass
@@ -66,20 +72,10 @@ class RemoteCounters(TierCounters):
     write_s: float = 0.0  # seconds the writer spent checking, encoding and sending values
 
 
-def import_redis():
-    """The ``redis`` module, or an ImportError naming the extra that installs it."""
-    try:
-        import redis
-        import redis.backoff
-        import redis.retry
-    except ImportError as error:
-        raise ImportError(INSTALL_HINT) from error
-    return redis
-
-
 class RemoteTier(Tier):
     """Blocks on a Redis/Valkey server at ``url`` (``redis://``, ``rediss://`` for TLS,
-    ``redis://user:password@host`` for AUTH, ``unix:///path/redis.sock``)."""
+    ``redis://user:password@host`` for AUTH, ``unix:///path/redis.sock``), or on a cluster
+    (``redis+cluster://[user:password@]host:port,host:port``, ``rediss+cluster://`` for TLS)."""
 
     name = "remote"
 
@@ -122,20 +118,15 @@ class RemoteTier(Tier):
         self.max_backoff_s = max_backoff_s
         self._redis_errors = (redis.exceptions.RedisError, OSError)
         self._connection_errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
-        # No client-side retries: a failure is a miss now, and the back-off decides when to try again.
-        self.client = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
-            retry_on_timeout=False,
-            health_check_interval=0,
-        )
         self.url = _redact(url)
         self._next_try = 0.0  # monotonic time before which the tier stays off
         self._delay = backoff_s
         self._state_lock = threading.Lock()
         self._known: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()
+        # One server (redis://) or a cluster (redis+cluster://): the same operations (clients.py).
+        self.client = connect(
+            url, timeout=timeout, backoff_s=backoff_s, max_backoff_s=max_backoff_s, report=self._node_failed
+        )
         self.writer = BackgroundWriter(
             lambda batch: self._write(batch),
             lambda error: self.error("writer", f"write failed ({error!r})"),
@@ -149,6 +140,7 @@ class RemoteTier(Tier):
     def _after_fork(self) -> None:
         super()._after_fork()
         self._state_lock = threading.Lock()
+        self.client.after_fork()
 
     # -- keys ----------------------------------------------------------------------------------------
     def key(self, namespace: bytes, block_hash: bytes) -> str:
@@ -182,6 +174,13 @@ class RemoteTier(Tier):
         else:
             self.error("server", f"{doing} {self.url} failed ({error!r})")
 
+    def _node_failed(self, kind: str, message: str) -> None:
+        """One cluster node failed (the others still serve): count it, warn once, and forget what this
+        process knew was stored (the node may come back empty)."""
+        with self._state_lock:
+            self._known.clear()
+        self.error(kind, message)
+
     def _succeeded(self) -> None:
         if self._delay != self.backoff_s:
             with self._state_lock:
@@ -199,10 +198,7 @@ class RemoteTier(Tier):
         if not block_hashes or not self.available():
             return 0
         try:
-            with self.client.pipeline(transaction=False) as pipe:
-                for block_hash in block_hashes:
-                    pipe.exists(self.key(namespace, block_hash))
-                present = pipe.execute()
+            present = self.client.exists([self.key(namespace, block_hash) for block_hash in block_hashes])
         except self._redis_errors as error:
             self._failed(error, "looking up blocks on")
             return 0
@@ -294,31 +290,30 @@ class RemoteTier(Tier):
         keys = [self.key(namespace, block.block_hash) for namespace, block in batch]
         started = time.perf_counter()
         try:
-            with self.client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.exists(key)
-                present = pipe.execute()
-            sizes = []
-            with self.client.pipeline(transaction=False) as pipe:
-                for key, (namespace, block), exists in zip(keys, batch, present):
-                    if exists:
-                        if self.ttl_ms is not None:
-                            pipe.pexpire(key, self.ttl_ms)  # still in use: keep it as long as a new one
-                        continue
-                    value = encode(namespace, block, self.mac_key)
-                    sizes.append(len(value))
-                    pipe.set(key, value, px=self.ttl_ms)
-                if len(pipe):
-                    pipe.execute()
+            present = self.client.exists(keys)
+            sets, expires, sent = [], [], []
+            for key, item, exists in zip(keys, batch, present):
+                if exists:
+                    if self.ttl_ms is not None:
+                        expires.append(key)  # still in use: keep it as long as a new one
+                    continue
+                sets.append((key, encode(item[0], item[1], self.mac_key)))
+                sent.append(item)
+            landed = self.client.write(sets, expires, self.ttl_ms)
         except self._redis_errors as error:
             self._failed(error, "storing blocks on")
             self.count(dropped=len(batch))
             return
         self._succeeded()
-        for namespace, block in batch:
-            self._remember(namespace, block.block_hash)
+        for (namespace, block), exists in zip(batch, present):
+            if exists:
+                self._remember(namespace, block.block_hash)
+        for (namespace, block), ok in zip(sent, landed):
+            if ok:  # a cluster node that failed: not stored, so not known
+                self._remember(namespace, block.block_hash)
+        sizes = [len(value) for (_, value), ok in zip(sets, landed) if ok]
         skipped = sum(1 for exists in present if exists)
-        self.count(puts=len(sizes), skipped=skipped, bytes_written=sum(sizes))
+        self.count(puts=len(sizes), skipped=skipped, bytes_written=sum(sizes), dropped=len(sets) - len(sizes))
         with self._count_lock:
             self.counters.write_s += time.perf_counter() - started
 
@@ -333,19 +328,20 @@ class RemoteTier(Tier):
             return
         value = encode_state(namespace, block_hash, tokens, layers, self.mac_key)
         try:
-            self.client.set(self.state_key(namespace, block_hash), value, px=self.ttl_ms)
+            landed = self.client.write([(self.state_key(namespace, block_hash), value)], [], self.ttl_ms)
         except self._redis_errors as error:
             self._failed(error, "storing a state on")
             return
         self._succeeded()
-        self.count(bytes_written=len(value))
+        if landed[0]:  # (a failed cluster node was counted by the client's report)
+            self.count(bytes_written=len(value))
 
     def get_state(self, namespace: bytes, block_hash: bytes, layouts: list) -> tuple[int, list] | None:
         if not self.available():
             return None
         key = self.state_key(namespace, block_hash)
         try:
-            value = self.client.get(key)
+            value = self.client.mget([key])[0]
         except self._redis_errors as error:
             self._failed(error, "fetching a state from")
             return None
@@ -366,7 +362,7 @@ class RemoteTier(Tier):
     # -- maintenance ---------------------------------------------------------------------------------
     def _delete_key(self, key: str) -> None:
         try:
-            self.client.delete(key)
+            self.client.delete([key])
         except self._redis_errors as error:
             self._failed(error, "deleting a bad value on")
 
@@ -387,13 +383,13 @@ class RemoteTier(Tier):
         removed = 0
         try:
             batch = []
-            for key in self.client.scan_iter(match=pattern, count=1000):
+            for key in self.client.scan(pattern):
                 batch.append(key)
                 if len(batch) >= 1000:
-                    removed += self.client.delete(*batch)
+                    removed += self.client.delete(batch)
                     batch = []
             if batch:
-                removed += self.client.delete(*batch)
+                removed += self.client.delete(batch)
         except self._redis_errors as error:
             self._failed(error, "clearing keys on")
         return removed
@@ -409,9 +405,11 @@ class RemoteTier(Tier):
         self.client.close()
 
 
-def _redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
+def connect(url: str, *, timeout: float, **cluster_options) -> ServerClient | ClusterClient:
+    """The client for ``url`` by its scheme; ``cluster_options`` (back-off, failure report) are a cluster's."""
+    if is_cluster_url(url):
+        return ClusterClient(url, timeout=timeout, **cluster_options)
+    return ServerClient(url, timeout=timeout)
 
 
 def build(remote: str, *, layouts: list[LayerLayout], key=None, **options) -> RemoteTier:
@@ -422,7 +420,7 @@ def build(remote: str, *, layouts: list[LayerLayout], key=None, **options) -> Re
 REMOTE = TierKind(
     "remote",
     "remote",
-    "a redis:// URL",
+    "a redis:// or redis+cluster:// URL",
     build,
     {
         "remote_min_tokens": "min_tokens",

@@ -120,15 +120,15 @@ def remote_reput_keeps_ttl() -> None:
     def keeping_ttl(self, batch):
         keys = [self.key(namespace, block.block_hash) for namespace, block in batch]
         try:
-            before = {key: self.client.pttl(key) for key in keys}
+            before = {key: self.client.redis.pttl(key) for key in keys}  # one server's redis.Redis
         except self._redis_errors:
             before = {}
         write(self, batch)
         for key, ttl in before.items():
             if ttl == -1:
-                self.client.persist(key)
+                self.client.redis.persist(key)
             elif ttl > 0:
-                self.client.pexpire(key, ttl)
+                self.client.redis.pexpire(key, ttl)
 
     RemoteTier._write = keeping_ttl
 
@@ -584,10 +584,10 @@ def remote_write_stops_at_existing() -> None:
     def stopping(self, batch):
         keys = [self.key(namespace, block.block_hash) for namespace, block in batch]
         try:
-            present = [self.client.exists(key) for key in keys]
+            present = self.client.exists(keys)
         except self._redis_errors:
             return write(self, batch)
-        cut = present.index(1) + 1 if any(present) else len(batch)
+        cut = present.index(True) + 1 if any(present) else len(batch)
         write(self, batch[:cut])
         for namespace, block in batch[cut:]:
             self._remember(namespace, block.block_hash)

@@ -29,8 +29,11 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server child process; ``kill`` and ``start`` again keep the same port (and lose the data)."""
 
-    def __init__(self, folder: Path, maxmemory: str = "64mb", unix_socket: bool = False):
+    def __init__(
+        self, folder: Path, maxmemory: str = "64mb", unix_socket: bool = False, extra: tuple[str, ...] = ()
+    ):
         self.folder = Path(folder)
+        self.extra = tuple(extra)  # more redis-server arguments (a cluster node's, say)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.maxmemory = maxmemory
         self.socket = self.folder / "redis.sock" if unix_socket else None  # then no TCP port at all
@@ -63,6 +66,7 @@ class RedisServer:
             "--dir", str(self.folder),
             "--daemonize", "no",
             *(["--unixsocket", str(self.socket)] if self.socket else []),
+            *self.extra,
         ]  # fmt: skip
         log = open(self.folder / "redis.log", "ab")  # noqa: SIM115 - the child keeps writing to it
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
