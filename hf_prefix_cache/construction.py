@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .eviction import DEFAULT_POLICY, POLICIES
 from .layers import PrefixFullLayer, PrefixSlidingLayer
 from .layout import LayerLayout, known_layout, predict_layout, probe_layout
 from .store import BlockStore
@@ -37,16 +38,23 @@ class StoreConfig:
     block_size: int | None = None
     max_memory: int | str | None = None
     num_blocks: int | None = None
+    policy: str | None = None  # eviction policy (eviction.py); None: the default
 
     @classmethod
-    def checked(cls, store, block_size, max_memory, num_blocks) -> StoreConfig:
+    def checked(cls, store, block_size, max_memory, num_blocks, policy=None) -> StoreConfig:
         if block_size is not None:
             block_size = positive_int("block_size", block_size, "16")
         if num_blocks is not None:
             num_blocks = positive_int("num_blocks", num_blocks, "1024")
+        if policy is not None and policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if store is not None:
             store = shared_store(store, num_blocks, max_memory)
-        return cls(store, block_size, max_memory, num_blocks)
+            if policy is not None and policy != store.policy:
+                raise ValueError(
+                    f"the shared store evicts by {store.policy!r}; drop policy= or make a new store"
+                )
+        return cls(store, block_size, max_memory, num_blocks, policy)
 
 
 def model_layouts(model: torch.nn.Module, probe: bool) -> tuple[list[LayerLayout], bool]:
@@ -93,6 +101,7 @@ def _resolve_store(layouts: list[LayerLayout], confirmed: bool, config: StoreCon
             max_memory=config.max_memory,
             num_blocks=config.num_blocks,
             confirmed=confirmed,
+            policy=config.policy or DEFAULT_POLICY,
         )
     if not store.compatible_with(layouts):
         raise ValueError("this store was built for a model with other K/V shapes or dtypes; make a new one")

@@ -9,6 +9,7 @@ import torch
 
 from .call import CallState
 from .hashing import hash_blocks
+from .priorities import block_levels
 from .prompt_rows import reply_tokens
 from .store import BlockStore, WriteBlocks
 
@@ -29,6 +30,8 @@ def record_call(
             hashes = extend_hashes(call.root, row.hashes, tokens, store.block_size, extra_keys)
             writer = block_writer(layers, store, source, row.pad)
             chain = store.extend_chain(call.namespace, tokens, hashes, row.hits, writer, extra_keys)
+            if call.priority is not None:
+                store.prioritize(chain, block_levels(call.priority, len(chain), store.block_size))
             store.release(chain[len(row.hits) :])
             if not replies:
                 break  # without replies every expanded row holds the same prompt

@@ -48,6 +48,9 @@ class CacheStats:
     hit_tokens_by_tier: dict[str, int] = field(default_factory=dict)  # {"device": .., "host": .., "disk": ..}
     tier_errors: int = 0  # bad entries, failed reads/writes in the lower tiers (each a miss or a drop)
     tiers: dict[str, dict] = field(default_factory=dict)  # each lower tier's counters
+    pinned_blocks: int = 0  # blocks held by pin() (never evicted until unpinned); they survive reset_stats()
+    pinned_bytes: int = 0
+    policy: str = ""  # the store's eviction policy (eviction.py)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -63,6 +66,7 @@ class CacheStats:
             + (f", {self.tier_errors} tier errors" if self.tier_errors else "")
             + (f"; FALLBACK: {self.fallback}" if self.fallback else "")
             + (f"; {self.refused_calls} calls refused by the store" if self.refused_calls else "")
+            + (f"; {self.pinned_blocks} blocks pinned" if self.pinned_blocks else "")
         )
 
     def _repr_html_(self) -> str:
@@ -157,4 +161,7 @@ class Counters:
             hit_tokens_by_tier={name: self.hit_tokens_by_tier.get(name, 0) for name in names},
             tier_errors=tiers.errors if tiers else 0,
             tiers=tiers.counters() if tiers else {},
+            pinned_blocks=store.pins.num_blocks if store is not None else 0,
+            pinned_bytes=store.pins.num_blocks * store.kv.block_bytes() if store is not None else 0,
+            policy=store.policy if store is not None else "",
         )

@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from .block_pool import Block, BlockPool, ascending
+from .eviction import DEFAULT_POLICY
 from .hashing import BlockHash
 from .identity import root_ref
 from .kv_pool import KVPool
 from .layout import LayerLayout, probe_layout
 from .memory import check_fits, parse_bytes
+from .pins import Pins
 from .tiering import TierStack
 from .validation import positive_int
 
@@ -57,6 +59,7 @@ class BlockStore:
         num_blocks: int,
         confirmed: bool = True,
         max_memory: int | None = None,
+        policy: str = DEFAULT_POLICY,
     ):
         block_size = positive_int("block_size", block_size, "16")
         num_blocks = positive_int("num_blocks", num_blocks, "1024")
@@ -67,7 +70,9 @@ class BlockStore:
         # until a real forward confirms them (``confirm``)
         self.confirmed = confirmed
         self._max_memory = max_memory  # the budget the pool was sized from, to size it again on a correction
+        self.policy = policy  # the eviction policy's name (eviction.py)
         self._build(layouts, num_blocks)
+        self.pins = Pins(self)  # pinned prefixes (pins.py): referenced until unpinned or expired
 
     def _build(self, layouts: list[LayerLayout], num_blocks: int) -> None:
         needed: dict[torch.device, int] = {}
@@ -77,7 +82,7 @@ class BlockStore:
             )
         check_fits(needed)  # before reserving memory the machine cannot hold
         self.layouts = layouts
-        self.pool = BlockPool(num_blocks)
+        self.pool = BlockPool(num_blocks, self.policy)
         self.kv = KVPool(layouts, num_blocks, self.block_size)
 
     def confirm(self, layouts: list[LayerLayout]) -> str | None:
@@ -131,6 +136,7 @@ class BlockStore:
         max_memory: int | str | None = None,
         num_blocks: int | None = None,
         confirmed: bool = True,
+        policy: str = DEFAULT_POLICY,
     ) -> BlockStore:
         """A store for ``layouts`` holding ``num_blocks`` blocks, or as many as fit in ``max_memory``;
         ``confirmed=False`` for layouts predicted from a config (see ``confirm``)."""
@@ -148,7 +154,12 @@ class BlockStore:
             "block store: %d blocks of %d tokens over %d layers", num_blocks, block_size, len(layouts)
         )
         return cls(
-            layouts, block_size=block_size, num_blocks=num_blocks, confirmed=confirmed, max_memory=budget
+            layouts,
+            block_size=block_size,
+            num_blocks=num_blocks,
+            confirmed=confirmed,
+            max_memory=budget,
+            policy=policy,
         )
 
     # -- lookups -----------------------------------------------------------------------------------
@@ -177,6 +188,7 @@ class BlockStore:
         found = Match()
         try:
             with self.lock:
+                self.pins.expire()
                 for index in range(limit):
                     window = tokens[index * size : (index + 1) * size]
                     parent = found.blocks[-1] if found.blocks else None
@@ -214,6 +226,7 @@ class BlockStore:
         """
         chain = list(held)
         with self.lock:
+            self.pins.expire()
             try:
                 self._extend(namespace, tokens, hashes, chain, write, extra_keys)
             except BaseException:
@@ -274,9 +287,16 @@ class BlockStore:
             self.pool.release(blocks)
 
     def clear(self) -> int:
-        """Drop every stored block (e.g. after a weight update)."""
+        """Drop every stored block (e.g. after a weight update), pins included."""
         with self.lock:
+            self.pins.clear()
             return self.pool.clear()
+
+    def prioritize(self, blocks: Sequence[Block], levels: Sequence[int]) -> None:
+        """Raise each block of a chain the caller references to its level (``priorities.py``)."""
+        with self.lock:
+            for block, level in zip(blocks, levels):
+                self.pool.raise_priority(block, level)
 
     # -- accounting --------------------------------------------------------------------------------
     @property
