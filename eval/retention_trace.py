@@ -8,6 +8,7 @@ long conversation, the case where recency is right.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 from .data import Conversation, Turn
@@ -53,6 +54,35 @@ def round_robin(
                 {"role": "assistant", "content": reply},
             ]
     return calls
+
+
+def chained(conversations: Sequence[Conversation], count: int, turns: int) -> list[Conversation]:
+    """``count`` conversations of ``turns`` turns each, made of the turns of ``conversations`` in turn
+    (MT-Bench has two turns a conversation; this makes longer ones of the same questions)."""
+    flat = [turn for conversation in conversations for turn in conversation.turns]
+    return [
+        Conversation(f"chained-{index}", [flat[(index * turns + k) % len(flat)] for k in range(turns)])
+        for index in range(count)
+    ]
+
+
+def hot_and_one_off(
+    conversations: Sequence[Conversation], tokenizer, *, calls: int = 300, hot: int = 5, seed: int = 0
+) -> list[Call]:
+    """Where recency is right: half the calls continue one of ``hot`` long prompts (a few questions each,
+    asked again and again in random order), the other half are one-off questions."""
+    rng = random.Random(seed)
+    questions = [turn.user for conversation in conversations for turn in conversation.turns]
+    prefixes = ["\n\n".join(questions[i * 4 : i * 4 + 4]) for i in range(hot)]
+    trace = []
+    for index in range(calls):
+        if rng.random() < 0.5:
+            messages = [{"role": "user", "content": prefixes[rng.randrange(hot)] + f"\n\nPart {index}."}]
+        else:
+            messages = [{"role": "user", "content": questions[4 * hot + index % (len(questions) - 4 * hot)]}]
+        prompt = render_prompt(tokenizer, messages)
+        trace.append(Call(prompt, prompt + list(tokenizer(f" Answer {index}.")["input_ids"])))
+    return trace
 
 
 def one_conversation(conversations: Sequence[Conversation], turns: int) -> Conversation:
