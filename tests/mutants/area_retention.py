@@ -115,3 +115,21 @@ def retain_evicts_parents_first() -> None:
     RetainPolicy.admit = LRUPolicy.admit  # every free block a candidate, leaf or not
     RetainPolicy.child_added = LRUPolicy.child_added
     RetainPolicy.child_removed = LRUPolicy.child_removed
+
+
+@mutant(
+    "pool_fraction_ignored",
+    breaks="the eval's --pool-fraction sizes the store from the replay's working set",
+    tests=(
+        "tests/test_eval_harness.py::test_pool_fraction_sizes_the_store_from_the_working_set_and_policy_reaches_the_cache[lru]",
+    ),
+)
+def pool_fraction_ignored() -> None:
+    """The store keeps --cache-memory's size, whatever the fraction."""
+    import dataclasses
+
+    replace_function(
+        "hf_prefix_cache_eval.runner",
+        "sized_by_fraction",
+        lambda original: lambda config, *args: dataclasses.replace(config, pool_fraction=None),
+    )
