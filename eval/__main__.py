@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--model",
         default=_DEFAULTS.model,
-        help="'smollm2' (packaged GGUF, converted once), a local folder or a hub id",
+        help="'smollm2' (packaged GGUF, converted once), 'qwen3_5-random' (a hybrid: Gated DeltaNet + attention, random weights), a local folder or a hub id",
     )
     model.add_argument(
         "--model-cache-dir",

@@ -63,6 +63,8 @@ def load_model(
     """
     torch_dtype = resolve_dtype(dtype)
     start = time.perf_counter()
+    if isinstance(name_or_path, str) and name_or_path.lower() in HYBRID_ALIASES:
+        return random_hybrid(device, torch_dtype, cache_dir)
     if is_smollm2(name_or_path):
         source: str | Path = ensure_smollm2(cache_dir)
         extra = {}
@@ -76,6 +78,42 @@ def load_model(
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     logger.info("loaded %s (%s, %s) in %.1f s", source, model.dtype, device, time.perf_counter() - start)
+    return model, tokenizer
+
+
+HYBRID_ALIASES = {"qwen3_5-random", "hybrid"}
+
+
+def random_hybrid(device, dtype, cache_dir=None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A Qwen3.5-shaped hybrid (Gated DeltaNet and full attention, 3:1, about 330 MB in fp32) with random
+    weights and SmolLM2's tokenizer and chat template: no hybrid checkpoint ships on PyPI, and prefix
+    reuse is about what is computed, not what it means (``--model qwen3_5-random``)."""
+    from transformers import Qwen3_5TextConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_smollm2(cache_dir))
+    prepare_tokenizer(tokenizer)
+    config = Qwen3_5TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"] * 2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        linear_num_key_heads=4,
+        linear_num_value_heads=8,
+        linear_key_head_dim=64,
+        linear_value_head_dim=64,
+        max_position_embeddings=8192,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
 

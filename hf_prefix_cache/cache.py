@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
-from . import adapters, fingerprint, priorities, scoring
+from . import adapters, checkpoints, fingerprint, priorities, scoring
 from .call import (
     CallState,
     Ownership,
@@ -55,7 +55,7 @@ from .reasons import (
 from .recording import as_sequences, prompt_mismatch, record_call, replies_of
 from .stats import CacheStats, CallStats, Counters
 from .store import BlockStore
-from .validation import extra_keys_tuple
+from .validation import extra_keys_tuple, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,11 @@ class PrefixCache(DynamicCache, Served):
         remote_ttl: seconds a block stays on the server after it was last stored (default: until the
             server's ``maxmemory`` policy evicts it).
         remote_timeout: the most one round trip to the server may take, connect or read (0.25 s).
+        snapshot_every: hybrid models (linear attention, SSM, short convolution): also keep the recurrent
+            state every this many blocks inside a long prompt (default 32; 0 or None: only at the last
+            block boundary of each prompt and each reply). See ``checkpoints.py``.
+        snapshot_memory: hybrid models: the part of ``max_memory`` state snapshots may take (default a
+            quarter); the rest holds K/V blocks.
         tier_secret: a secret (at least 16 bytes; default ``$HF_PREFIX_CACHE_TIER_SECRET``) that
             authenticates every disk and remote entry with a MAC: entries without a valid one (forged by
             anyone who can write the folder or server, or written with another or no secret) are misses.
@@ -113,6 +118,8 @@ class PrefixCache(DynamicCache, Served):
         remote_ttl: float | None = None,
         remote_timeout: float | None = None,
         tier_secret: str | bytes | None = None,
+        snapshot_every: int | None = checkpoints.DEFAULT_SNAPSHOT_EVERY,
+        snapshot_memory: int | str | None = None,
         policy: str | None = None,
         max_pinned: int | str | None = None,
         **tier_options,
@@ -123,7 +130,8 @@ class PrefixCache(DynamicCache, Served):
         self._verified_call: CallState | None = None  # the call whose K/V were seen coming from self.model
         self.cache_salt = cache_salt
         self.extra_keys = extra_keys_tuple(extra_keys)
-        store_config = StoreConfig.checked(store, block_size, max_memory, num_blocks, policy)
+        self.snapshot_every = positive_int("snapshot_every", snapshot_every, "32") if snapshot_every else None
+        store_config = StoreConfig.checked(store, block_size, max_memory, num_blocks, snapshot_memory, policy)
         tiers = TierConfig.checked(
             host_memory=host_memory,
             disk=disk,
@@ -153,6 +161,8 @@ class PrefixCache(DynamicCache, Served):
             layers = DynamicCache(config=model.config.get_text_config(decoder=True)).layers
             self.warn_once(REUSE_OFF.format(self.fallback))
         Cache.__init__(self, layers=layers)
+        # the first layer given K/V in a forward (a hybrid model's layer 0 may keep only recurrent state)
+        self._first_kv_layer = next((i for i, x in enumerate(layers) if getattr(x, "holds_kv", True)), 0)
         self._identity = Identity(model, self.cache_salt, self.extra_keys)
         self._dtypes_and_devices = self._identity.watch.dtypes_and_devices()
         self._call: CallState | None = None
@@ -241,13 +251,21 @@ class PrefixCache(DynamicCache, Served):
                     self.store.prioritize(
                         row.hits, priorities.block_levels(call.priority, len(row.hits), size)
                     )
-            call.loaded = min(row.pad + len(row.hits) * size for row in rows)
-            if call.loaded > 0:
-                place_prefix(self.layers, self.store, call)
+            hits = None
+            if self.store.stateful:  # restart rows from snapshots, compute up to where states are wanted
+                if call.off_default:  # nothing stored fits the call and nothing of it will be stored
+                    hits, call.loaded = [0] * len(rows), 0
+                else:
+                    hits = checkpoints.prepare_rows(self, call, logits_to_keep, self.fresh_layers)
+                    call.recorder = checkpoints.StateRecorder(self, call)
+            else:
+                call.loaded = min(row.pad + len(row.hits) * size for row in rows)
+                if call.loaded > 0:
+                    place_prefix(self.layers, self.store, call)
         except BaseException:
             self.release_if_mine()
             raise
-        self._counters.record(rows, call.loaded, size, sources)
+        self._counters.record(rows, call.loaded, size, sources, hits)
         self.last_call.lookup_s = time.perf_counter() - started
         return self
 
@@ -282,9 +300,16 @@ class PrefixCache(DynamicCache, Served):
                 if problem is not None:
                     if self.store is not None:  # else the call just turned prefix reuse off, and said so
                         self._refuse(problem)
-                elif slots > call.loaded:  # prepare() then commit() without generate() stores nothing
+                elif slots > call.loaded or call.pending:  # prepare() then commit() alone stores nothing new
                     before = self.store.pool.num_cached
-                    record_call(self.layers, self.store, call, replies, slots, self.extra_keys)
+                    on_chain = None
+                    if call.recorder is not None:
+                        call.recorder.take()  # the prompt's end, if no decode step came after the prefill
+
+                        def on_chain(source, chain, tokens):
+                            checkpoints.store_row_states(self, call, source, chain, tokens)
+
+                    record_call(self.layers, self.store, call, replies, slots, self.extra_keys, on_chain)
                     stats.stored_blocks = max(0, self.store.pool.num_cached - before)
         finally:
             self.release()
@@ -300,6 +325,15 @@ class PrefixCache(DynamicCache, Served):
     def continuation_logprobs(self, context, continuation) -> scoring.Continuation:
         """Log-probs of ``continuation`` ids after ``context`` ids (``scoring.continuation_logprobs``)."""
         return scoring.continuation_logprobs(self, context, continuation)
+
+    def fresh_layers(self) -> list:
+        """Layers for computing one row alone (hybrid models, ``checkpoints.prepare_rows``)."""
+        return prefix_layers(self.store.layouts)
+
+    @property
+    def current_call(self) -> CallState | None:
+        """The call in flight (between ``prepare`` and ``release``), if any."""
+        return self._call
 
     # -- turning reuse off ------------------------------------------------------------------------
     def _fall_back(self, reason: str) -> None:
@@ -326,6 +360,8 @@ class PrefixCache(DynamicCache, Served):
 
     def _drop_call(self) -> None:
         call, self._call = self._call, None
+        if call is not None and call.recorder is not None:
+            call.recorder.close()
         if call is not None and self.store is not None:
             for row in call.rows:
                 hits, row.hits = row.hits, []
@@ -351,7 +387,7 @@ class PrefixCache(DynamicCache, Served):
             self.release()
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        if layer_idx == 0:
+        if layer_idx == self._first_kv_layer:
             self._ownership.check()
             call = self._call
             if call is None and self.store is not None and inside_generate():

@@ -42,6 +42,11 @@ class CallState:
         # decode steps get an explicit mask so that SDPA packs grouped query heads (see decode_masks.py)
         self.decode_masks = False
         self.priority: int | list[int] | None = None  # retention priority of its blocks (priorities.py)
+        # hybrid models (checkpoints.py): states taken during the call, stored at commit, and the recorder
+        # that takes them while generate() runs
+        self.pending: list = []
+        self.recorder = None
+        self.state_sources: list[str] = []  # tiers that snapshots of this call's hits were promoted from
 
 
 class Ownership:
@@ -87,7 +92,8 @@ def captured_slots(layers: list, call: CallState) -> int | str:
     for layer in layers:
         keys, _, first = layer.captured()
         if keys is None:
-            counts.add(first)
+            if first is not None:  # None: a layer without K/V (recurrent state only, or nothing)
+                counts.add(first)
             continue
         if keys.shape[0] != rows:
             return f"the layers hold {keys.shape[0]} rows, the call prepared {rows}"

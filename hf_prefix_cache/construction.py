@@ -9,6 +9,8 @@ import torch
 from .eviction import DEFAULT_POLICY, POLICIES
 from .layers import PrefixFullLayer, PrefixSlidingLayer
 from .layout import LayerLayout, known_layout, predict_layout, probe_layout
+from .memory import parse_bytes
+from .state_layers import PrefixEmptyLayer, PrefixHybridLayer, PrefixStateLayer
 from .store import BlockStore
 from .tiers.setup import given_arguments, make_tiers
 from .validation import positive_int
@@ -38,10 +40,13 @@ class StoreConfig:
     block_size: int | None = None
     max_memory: int | str | None = None
     num_blocks: int | None = None
+    snapshot_memory: int | str | None = None  # hybrid models: the budget's share for state snapshots
     policy: str | None = None  # eviction policy (eviction.py); None: the default
 
     @classmethod
-    def checked(cls, store, block_size, max_memory, num_blocks, policy=None) -> StoreConfig:
+    def checked(
+        cls, store, block_size, max_memory, num_blocks, snapshot_memory=None, policy=None
+    ) -> StoreConfig:
         if block_size is not None:
             block_size = positive_int("block_size", block_size, "16")
         if num_blocks is not None:
@@ -50,11 +55,15 @@ class StoreConfig:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if store is not None:
             store = shared_store(store, num_blocks, max_memory)
+            if snapshot_memory is not None:
+                raise ValueError("the shared store's snapshot_memory is fixed; drop snapshot_memory=")
             if policy is not None and policy != store.policy:
                 raise ValueError(
                     f"the shared store evicts by {store.policy!r}; drop policy= or make a new store"
                 )
-        return cls(store, block_size, max_memory, num_blocks, policy)
+        if snapshot_memory is not None:
+            parse_bytes(snapshot_memory)  # a clear error now for a malformed size
+        return cls(store, block_size, max_memory, num_blocks, snapshot_memory, policy)
 
 
 def model_layouts(model: torch.nn.Module, probe: bool) -> tuple[list[LayerLayout], bool]:
@@ -85,11 +94,19 @@ def build_store(
 
 
 def prefix_layers(layouts: list[LayerLayout]) -> list:
-    """One cache layer per model layer: sliding-window or full attention."""
-    return [
-        PrefixSlidingLayer(layout.sliding_window) if layout.sliding_window else PrefixFullLayer()
-        for layout in layouts
-    ]
+    """One cache layer per model layer: sliding-window or full attention, recurrent state (with or without
+    full-attention K/V beside it), or nothing."""
+    return [_prefix_layer(layout) for layout in layouts]
+
+
+def _prefix_layer(layout: LayerLayout):
+    if layout.states:
+        if layout.holds_kv:
+            return PrefixHybridLayer(number_of_states=layout.states)
+        return PrefixStateLayer(number_of_states=layout.states)
+    if not layout.holds_kv:
+        return PrefixEmptyLayer()
+    return PrefixSlidingLayer(layout.sliding_window) if layout.sliding_window else PrefixFullLayer()
 
 
 def _resolve_store(layouts: list[LayerLayout], confirmed: bool, config: StoreConfig) -> BlockStore:
@@ -101,6 +118,7 @@ def _resolve_store(layouts: list[LayerLayout], confirmed: bool, config: StoreCon
             max_memory=config.max_memory,
             num_blocks=config.num_blocks,
             confirmed=confirmed,
+            snapshot_memory=config.snapshot_memory,
             policy=config.policy or DEFAULT_POLICY,
         )
     if not store.compatible_with(layouts):

@@ -19,7 +19,8 @@ from .store import BlockStore
 class HitReport:
     """How a prompt matches the store.
 
-    ``hit_tokens``: what ``generate()`` would load (full blocks, at most ``len(tokens) - 1``);
+    ``hit_tokens``: what ``generate()`` would load (full blocks, at most ``len(tokens) - 1``; for a hybrid
+    model, up to the longest of them ending on a state snapshot on the device);
     ``matched_tokens``: how far the prompt agrees with stored text, token-exact (>= ``hit_tokens``,
     except when the last-token rule caps the hit); the token at ``matched_tokens`` is the first miss.
     """
@@ -122,5 +123,8 @@ def stored_prefix(
     finally:
         store.release(blocks)
     matched = len(blocks) * size + matched_length(children, tokens[len(blocks) * size :])
-    hit = min(len(blocks), (len(tokens) - 1) // size) * size
-    return HitReport(tokens, hit, matched, size, pieces, pinned * size)
+    usable = min(len(blocks), (len(tokens) - 1) // size)
+    if store.snapshots is not None:  # a hybrid model restarts at the longest prefix with a state snapshot
+        with store.lock:
+            usable = next((n for n in range(usable, 0, -1) if store.snapshots.peek(blocks[n - 1])), 0)
+    return HitReport(tokens, usable * size, matched, size, pieces, pinned * size)

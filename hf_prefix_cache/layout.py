@@ -25,18 +25,41 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import (
+    DummyLayer,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    LinearAttentionAndFullAttentionLayer,
+    LinearAttentionLayer,
+)
 
 from .compat import CACHE_KWARG
+
+# The cache layer classes a probe may find: per-token K/V, recurrent state (hybrid models), or nothing.
+SERVED_LAYER_CLASSES = (
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    LinearAttentionLayer,
+    LinearAttentionAndFullAttentionLayer,
+    DummyLayer,
+)
 
 
 @dataclass(frozen=True)
 class LayerLayout:
+    """One cache layer: its K/V (``num_heads == 0``: none) and how many recurrent states it keeps beside
+    them (``states``: linear attention, SSM or short-convolution layers of hybrid models)."""
+
     num_heads: int
     head_dim: int
     dtype: torch.dtype
     device: torch.device
     sliding_window: int | None = None
+    states: int = 0
+
+    @property
+    def holds_kv(self) -> bool:
+        return self.num_heads > 0
 
     def block_bytes(self, block_size: int) -> int:
         """Bytes one block of K and V takes in this layer."""
@@ -157,16 +180,24 @@ def run_probe(model: torch.nn.Module) -> list[LayerLayout]:
     with torch.no_grad():
         cache = _probe_forward(model, input_ids, config)
     for index, layer in enumerate(cache.layers):
-        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
-            raise UnsupportedLayout(f"layer {index} keeps a {type(layer).__name__}, not per-token K/V")
+        if type(layer) not in SERVED_LAYER_CLASSES:
+            raise UnsupportedLayout(
+                f"layer {index} keeps a {type(layer).__name__}, neither per-token K/V nor a recurrent state"
+            )
     return describe_layers(cache.layers)
 
 
 def describe_layers(layers: list) -> list[LayerLayout]:
     """The layout of the K/V that ``layers`` hold after a forward pass; raise UnsupportedLayout where a
     layer holds none, or values shaped unlike its keys (the pool keeps both alike)."""
-    layouts = []
+    layouts: list[LayerLayout | None] = []
     for index, layer in enumerate(layers):
+        states = getattr(layer, "number_of_states", 0) if hasattr(layer, "conv_states") else 0
+        if isinstance(layer, DummyLayer) or (states and not isinstance(layer, DynamicLayer)):
+            layouts.append(None if not states else _state_only(layer, index, states))
+            continue
+        if states and isinstance(layer, DynamicSlidingWindowLayer):
+            raise UnsupportedLayout(f"layer {index} keeps a recurrent state beside a sliding window")
         keys, values = layer.keys, layer.values
         if not layer.is_initialized or keys is None or keys.dim() != 4:
             raise UnsupportedLayout(f"layer {index} stored no per-token K/V during a forward pass")
@@ -180,10 +211,21 @@ def describe_layers(layers: list) -> list[LayerLayout]:
             )
         _, heads, _, head_dim = keys.shape
         window = layer.sliding_window if isinstance(layer, DynamicSlidingWindowLayer) else None
-        layouts.append(LayerLayout(heads, head_dim, keys.dtype, keys.device, window))
-    if not layouts:
-        raise UnsupportedLayout("the model stored nothing in its cache")
-    return layouts
+        layouts.append(LayerLayout(heads, head_dim, keys.dtype, keys.device, window, states))
+    with_kv = [layout for layout in layouts if layout is not None and layout.holds_kv]
+    if not with_kv:
+        raise UnsupportedLayout("the model stored no per-token K/V in its cache (no attention layer)")
+    first = with_kv[0]
+    # a layer without K/V takes the first K/V layer's dtype and device (its pool tensors are empty)
+    return [layout or LayerLayout(0, 0, first.dtype, first.device) for layout in layouts]
+
+
+def _state_only(layer, index: int, states: int) -> LayerLayout:
+    """A layer with recurrent state and no K/V (its K/V pool tensors are empty)."""
+    conv = next((state for state in layer.conv_states.values() if state is not None), None)
+    if conv is None:
+        raise UnsupportedLayout(f"layer {index} kept no recurrent state during a forward pass")
+    return LayerLayout(0, 0, conv.dtype, conv.device, None, states)
 
 
 def _probe_forward(model: torch.nn.Module, input_ids: torch.Tensor, config) -> DynamicCache:

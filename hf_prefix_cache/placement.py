@@ -81,7 +81,7 @@ class StoredPrefix:
             keys, values = store.read(index, row.hits[first_block : math.ceil(end / size)])
             offset = first_block * size
             batch.append((keys[:, start - offset : end - offset], values[:, start - offset : end - offset]))
-        keys, values = _left_pad(batch, loaded - first, store.layouts[index])
+        keys, values = left_pad(batch, loaded - first, store.layouts[index])
         if call.expand > 1:
             keys, values = keys.repeat_interleave(call.expand, 0), values.repeat_interleave(call.expand, 0)
         return keys, values
@@ -99,7 +99,7 @@ def consecutive_runs(blocks: list, most: int = MAX_DIRECT_RUNS) -> list[list]:
     return runs if len(runs) <= most else [list(blocks)]
 
 
-def _left_pad(batch: list[tuple[torch.Tensor, torch.Tensor] | None], length: int, layout: LayerLayout):
+def left_pad(batch: list[tuple[torch.Tensor, torch.Tensor] | None], length: int, layout: LayerLayout):
     """Stack per-row ``[heads, n, dim]`` K/V into ``[rows, heads, length, dim]``, right-aligned.
 
     Padding slots get zeros: the attention mask hides them, as it hides pad tokens without a cache.

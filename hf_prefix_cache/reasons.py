@@ -157,6 +157,11 @@ SERVED_KWARGS = frozenset(
 
 # -- the model ------------------------------------------------------------------------------------------
 SERVABLE_LAYER_TYPES = {"full_attention", "sliding_attention"}
+# recurrent state (served through snapshots, checkpoints.py) and layers that keep nothing
+STATEFUL_LAYER_TYPES = {"linear_attention", "conv", "hybrid"}
+EMPTY_LAYER_TYPES = {"dummy", "moe", "mlp"}
+# Mamba1's selective scan takes no initial state: a prefill after a restored state ignores it
+NO_INITIAL_STATE = {"jamba", "mamba", "falcon_mamba"}
 LENGTH_DEPENDENT_ROPE = {"dynamic", "longrope"}
 
 
@@ -170,9 +175,17 @@ def unsupported_reason(model: Any) -> str | None:
     text = config.get_text_config(decoder=True)
     if getattr(text, "use_bidirectional_attention", False):
         return "the model attends bidirectionally over the prompt (use_bidirectional_attention)"
-    for layer_type in getattr(text, "layer_types", None) or ():
-        if layer_type not in SERVABLE_LAYER_TYPES:
+    layer_types = list(getattr(text, "layer_types", None) or ())
+    for layer_type in layer_types:
+        if layer_type in STATEFUL_LAYER_TYPES and getattr(text, "model_type", None) in NO_INITIAL_STATE:
+            return (
+                f"layer type {layer_type!r} of {text.model_type} (a Mamba1 scan) cannot continue from a "
+                "stored state, so its state cannot be restored exactly"
+            )
+        if layer_type not in SERVABLE_LAYER_TYPES | STATEFUL_LAYER_TYPES | EMPTY_LAYER_TYPES:
             return f"layer type {layer_type!r} keeps state that token blocks cannot reproduce"
+    if layer_types and not any(t in SERVABLE_LAYER_TYPES or t == "hybrid" for t in layer_types):
+        return "the model has no attention layer (a pure state-space model): nothing to place a prefix in"
     for rope_type in _rope_types(text):
         if rope_type in LENGTH_DEPENDENT_ROPE:
             return f"RoPE type {rope_type!r} depends on the current sequence length"

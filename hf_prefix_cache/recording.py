@@ -21,8 +21,10 @@ def record_call(
     replies: list[list[int]] | None,
     slots: int,
     extra_keys: tuple[Hashable, ...],
+    on_chain=None,
 ) -> None:
-    """Store every row's prompt (+ reply) blocks whose K/V exist in the first ``slots`` slots."""
+    """Store every row's prompt (+ reply) blocks whose K/V exist in the first ``slots`` slots;
+    ``on_chain(cache row, its referenced chain, its stored tokens)`` sees each chain before release."""
     for index, row in enumerate(call.rows):
         for source in range(index * call.expand, (index + 1) * call.expand):
             tokens = row.tokens + replies[source] if replies else row.tokens
@@ -30,9 +32,13 @@ def record_call(
             hashes = extend_hashes(call.root, row.hashes, tokens, store.block_size, extra_keys)
             writer = block_writer(layers, store, source, row.pad)
             chain = store.extend_chain(call.namespace, tokens, hashes, row.hits, writer, extra_keys)
-            if call.priority is not None:
-                store.prioritize(chain, block_levels(call.priority, len(chain), store.block_size))
-            store.release(chain[len(row.hits) :])
+            try:
+                if call.priority is not None:
+                    store.prioritize(chain, block_levels(call.priority, len(chain), store.block_size))
+                if on_chain is not None:
+                    on_chain(source, chain, tokens)
+            finally:
+                store.release(chain[len(row.hits) :])
             if not replies:
                 break  # without replies every expanded row holds the same prompt
 
@@ -110,6 +116,8 @@ def block_writer(layers: list, store: BlockStore, source: int, pad: int) -> Writ
         slots = [pad + position * size + i for position in positions for i in range(size)]
         for index, layer in enumerate(layers):
             keys, values, first = layer.captured()
+            if keys is None:  # a layer without K/V (recurrent state only: snapshots keep it)
+                continue
             if contiguous:  # views: the pool write is the only copy
                 span = slice(slots[0] - first, slots[-1] + 1 - first)
                 picked_k, picked_v = keys[source, :, span], values[source, :, span]

@@ -48,6 +48,12 @@ class CacheStats:
     hit_tokens_by_tier: dict[str, int] = field(default_factory=dict)  # {"device": .., "host": .., "disk": ..}
     tier_errors: int = 0  # bad entries, failed reads/writes in the lower tiers (each a miss or a drop)
     tiers: dict[str, dict] = field(default_factory=dict)  # each lower tier's counters
+    # hybrid models (recurrent state, checkpoints.py): snapshots held now, their bytes, how many were taken
+    # into the store, and rows that restarted from one, since the last reset
+    snapshots: int = 0
+    snapshot_bytes: int = 0
+    snapshots_stored: int = 0
+    snapshot_hits: int = 0
     pinned_blocks: int = 0  # blocks held by pin() (never evicted until unpinned); they survive reset_stats()
     pinned_bytes: int = 0
     policy: str = ""  # the store's eviction policy (eviction.py)
@@ -64,6 +70,11 @@ class CacheStats:
             f"{self.evictions} evictions"
             + (f"; hit tokens by tier {self.hit_tokens_by_tier}" if self.tiers else "")
             + (f", {self.tier_errors} tier errors" if self.tier_errors else "")
+            + (
+                f"; {self.snapshots} state snapshots, {format_bytes(self.snapshot_bytes)}"
+                if self.snapshots
+                else ""
+            )
             + (f"; FALLBACK: {self.fallback}" if self.fallback else "")
             + (f"; {self.refused_calls} calls refused by the store" if self.refused_calls else "")
             + (f"; {self.pinned_blocks} blocks pinned" if self.pinned_blocks else "")
@@ -95,22 +106,30 @@ class Counters:
 
     def reset(self, store: Any = None) -> None:
         """Zero the totals; evictions count from ``store``'s number now (its gauges are unaffected)."""
-        self.calls = self.prompt_tokens = self.hit_tokens = self.refused = 0
+        self.calls = self.prompt_tokens = self.hit_tokens = self.refused = self.snapshot_hits = 0
         self.hit_tokens_by_tier: dict[str, int] = {}
         self.evictions_at_reset = store.pool.evictions if store is not None else 0
+        snapshots = getattr(store, "snapshots", None)
+        self.snapshots_at_reset = snapshots.stored if snapshots is not None else 0
 
     def record(
-        self, rows: list, loaded: int, block_size: int, sources: list[list[str]] | None = None
+        self,
+        rows: list,
+        loaded: int,
+        block_size: int,
+        sources: list[list[str]] | None = None,
+        hits: list[int] | None = None,
     ) -> None:
         """A looked-up call: ``loaded`` slots of every prompt row (``.tokens``, ``.pad``) came from the
-        store, block by block from the tiers named in ``sources``."""
+        store, block by block from the tiers named in ``sources``; or, where a row computed part of its
+        placed slots itself (hybrid models), ``hits`` tokens of each row did."""
         prompt = sum(len(row.tokens) for row in rows)
-        hit = sum(max(0, loaded - row.pad) for row in rows)
+        used = hits if hits is not None else [max(0, loaded - row.pad) for row in rows]
+        hit = sum(used)
         last = self.last_call = CallStats(prompt_tokens=prompt, hit_tokens=hit, computed_tokens=prompt - hit)
-        for row, row_sources in zip(rows, sources or []):
-            used = max(0, loaded - row.pad)  # tokens of this row actually placed, block by block
+        for row_used, row_sources in zip(used, sources or []):
             for index, tier in enumerate(row_sources):
-                tokens = min(block_size, used - index * block_size)
+                tokens = min(block_size, row_used - index * block_size)
                 if tokens <= 0:
                     break
                 last.hit_tokens_by_tier[tier] = last.hit_tokens_by_tier.get(tier, 0) + tokens
@@ -118,6 +137,8 @@ class Counters:
         self.calls += 1
         self.prompt_tokens += prompt
         self.hit_tokens += hit
+        if hits is not None:  # a hybrid model's rows that restarted from a snapshot
+            self.snapshot_hits += sum(1 for tokens in hits if tokens)
 
     def add(self, other: Counters) -> None:
         """Add ``other``'s totals to these (the views of an attached cache into its own)."""
@@ -125,6 +146,7 @@ class Counters:
         self.prompt_tokens += other.prompt_tokens
         self.hit_tokens += other.hit_tokens
         self.refused += other.refused
+        self.snapshot_hits += other.snapshot_hits
         for tier, tokens in other.hit_tokens_by_tier.items():
             self.hit_tokens_by_tier[tier] = self.hit_tokens_by_tier.get(tier, 0) + tokens
 
@@ -161,7 +183,19 @@ class Counters:
             hit_tokens_by_tier={name: self.hit_tokens_by_tier.get(name, 0) for name in names},
             tier_errors=tiers.errors if tiers else 0,
             tiers=tiers.counters() if tiers else {},
+            **_snapshot_gauges(getattr(store, "snapshots", None), self),
             pinned_blocks=store.pins.num_blocks if store is not None else 0,
             pinned_bytes=store.pins.num_blocks * store.kv.block_bytes() if store is not None else 0,
             policy=store.policy if store is not None else "",
         )
+
+
+def _snapshot_gauges(snapshots: Any, counters: Counters) -> dict:
+    if snapshots is None:
+        return {}
+    return {
+        "snapshots": len(snapshots),
+        "snapshot_bytes": snapshots.used_bytes,
+        "snapshots_stored": snapshots.stored - counters.snapshots_at_reset,
+        "snapshot_hits": counters.snapshot_hits,
+    }

@@ -22,6 +22,7 @@ from .kv_pool import KVPool
 from .layout import LayerLayout, probe_layout
 from .memory import check_fits, parse_bytes
 from .pins import Pins
+from .snapshots import SnapshotStore
 from .tiering import TierStack
 from .validation import positive_int
 
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_MEMORY = "1GiB"
+# hybrid models: the share of the budget that recurrent-state snapshots may take (snapshots.py)
+DEFAULT_SNAPSHOT_SHARE = 0.25
 # (chain positions of the new blocks, their ids) -> copies their K/V into the pool
 WriteBlocks = Callable[[list[int], list[int]], None]
 
@@ -59,6 +62,7 @@ class BlockStore:
         num_blocks: int,
         confirmed: bool = True,
         max_memory: int | None = None,
+        snapshot_memory: int = 0,
         policy: str = DEFAULT_POLICY,
     ):
         block_size = positive_int("block_size", block_size, "16")
@@ -72,7 +76,14 @@ class BlockStore:
         self._max_memory = max_memory  # the budget the pool was sized from, to size it again on a correction
         self.policy = policy  # the eviction policy's name (eviction.py)
         self._build(layouts, num_blocks)
+        # recurrent-state snapshots of hybrid models, beside the blocks (None: a model without such state)
+        self.snapshots = SnapshotStore(snapshot_memory) if any(x.states for x in layouts) else None
         self.pins = Pins(self)  # pinned prefixes (pins.py): referenced until unpinned or expired
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the model keeps recurrent state that hits restore from snapshots (checkpoints.py)."""
+        return self.snapshots is not None
 
     def _build(self, layouts: list[LayerLayout], num_blocks: int) -> None:
         needed: dict[torch.device, int] = {}
@@ -136,16 +147,28 @@ class BlockStore:
         max_memory: int | str | None = None,
         num_blocks: int | None = None,
         confirmed: bool = True,
+        snapshot_memory: int | str | None = None,
         policy: str = DEFAULT_POLICY,
     ) -> BlockStore:
         """A store for ``layouts`` holding ``num_blocks`` blocks, or as many as fit in ``max_memory``;
-        ``confirmed=False`` for layouts predicted from a config (see ``confirm``)."""
+        ``confirmed=False`` for layouts predicted from a config (see ``confirm``). For a hybrid model,
+        ``snapshot_memory`` (default a quarter of the budget) goes to state snapshots, the rest to blocks."""
         if num_blocks is not None and max_memory is not None:
             raise ValueError("pass either num_blocks or max_memory, not both")
         block_size = positive_int("block_size", block_size, "16")
+        stateful = any(layout.states for layout in layouts)
+        snapshots = parse_bytes(snapshot_memory) if snapshot_memory is not None else None
         budget = None
         if num_blocks is None:
             budget = parse_bytes(max_memory if max_memory is not None else DEFAULT_MAX_MEMORY)
+            if stateful:
+                if snapshots is None:
+                    snapshots = int(budget * DEFAULT_SNAPSHOT_SHARE)
+                if snapshots >= budget:
+                    raise ValueError(
+                        f"snapshot_memory={snapshot_memory!r} leaves nothing of max_memory for K/V blocks"
+                    )
+                budget -= snapshots
             num_blocks = blocks_in(budget, layouts, block_size)
             if num_blocks < 1:
                 per_block = sum(layout.block_bytes(block_size) for layout in layouts)
@@ -153,12 +176,16 @@ class BlockStore:
         logger.info(
             "block store: %d blocks of %d tokens over %d layers", num_blocks, block_size, len(layouts)
         )
+        if stateful and snapshots is None:  # sized by num_blocks: snapshots get a third of the blocks' bytes
+            per_block = sum(layout.block_bytes(block_size) for layout in layouts)
+            snapshots = int(num_blocks * per_block * DEFAULT_SNAPSHOT_SHARE / (1 - DEFAULT_SNAPSHOT_SHARE))
         return cls(
             layouts,
             block_size=block_size,
             num_blocks=num_blocks,
             confirmed=confirmed,
             max_memory=budget,
+            snapshot_memory=snapshots or 0,
             policy=policy,
         )
 
@@ -287,9 +314,11 @@ class BlockStore:
             self.pool.release(blocks)
 
     def clear(self) -> int:
-        """Drop every stored block (e.g. after a weight update), pins included."""
+        """Drop every stored block and snapshot (e.g. after a weight update), pins included."""
         with self.lock:
             self.pins.clear()
+            if self.snapshots is not None:
+                self.snapshots.clear()
             return self.pool.clear()
 
     def prioritize(self, blocks: Sequence[Block], levels: Sequence[int]) -> None:
@@ -312,6 +341,6 @@ class BlockStore:
         return self.pool.num_cached * self.kv.block_bytes()
 
     def compatible_with(self, layouts: list[LayerLayout]) -> bool:
-        return [(x.num_heads, x.head_dim, x.dtype) for x in layouts] == [
-            (x.num_heads, x.head_dim, x.dtype) for x in self.layouts
+        return [(x.num_heads, x.head_dim, x.dtype, x.states) for x in layouts] == [
+            (x.num_heads, x.head_dim, x.dtype, x.states) for x in self.layouts
         ]

@@ -281,6 +281,30 @@ class TierStack:
         return promoted
 
     # -- maintenance ---------------------------------------------------------------------------------
+    # -- recurrent-state snapshots (hybrid models) ---------------------------------------------------
+    def put_state(self, namespace: str, extra_keys, block_hash: bytes, tokens: int, layers: list) -> None:
+        """Give a snapshot the device store took to every tier (written through, like its blocks)."""
+        digest = self.namespace(namespace, extra_keys)
+        for tier in self.tiers:
+            try:
+                tier.put_state(digest, block_hash, tokens, layers)
+            except Exception as error:  # a tier failure is a dropped write, never the caller's exception
+                tier.error("state", f"storing a state failed ({error!r})")
+
+    def get_state(self, namespace: str, extra_keys, block_hash: bytes) -> tuple[int, list, str] | None:
+        """(tokens, layers, tier name) of the snapshot ending with ``block_hash`` in the fastest tier
+        holding a valid one; None if none does."""
+        digest = self.namespace(namespace, extra_keys)
+        for tier in self.tiers:
+            try:
+                found = tier.get_state(digest, block_hash, self.store.layouts)
+            except Exception as error:
+                tier.error("state", f"reading a state failed ({error!r})")
+                continue
+            if found is not None:
+                return found[0], found[1], tier.name
+        return None
+
     def spill_device(self) -> int:
         """Evict every unreferenced device block as memory pressure would (host write-back included);
         for benchmarks and demos of a cold device pool over warm lower tiers. Returns how many."""

@@ -203,13 +203,6 @@ def _unservable(name: str):
         )
     elif name == "gemma3-bidirectional":
         config = Gemma3TextConfig(**{**tiny_config("gemma3").to_dict(), "use_bidirectional_attention": True})
-    elif name == "lfm2-conv":
-        from transformers import Lfm2Config
-
-        config = Lfm2Config(
-            **{k: v for k, v in DECODER.items() if k not in ("initializer_range",)},
-            layer_types=["conv", "full_attention"],
-        )
     elif name == "mamba":
         from transformers import MambaConfig
 
@@ -233,7 +226,6 @@ def _unservable(name: str):
         ("llama-dynamic-rope", "dynamic"),
         ("phi3-longrope", "longrope"),
         ("gemma3-bidirectional", "bidirectional"),
-        ("lfm2-conv", "conv"),
         ("mamba", "linear_attention"),
     ],
 )

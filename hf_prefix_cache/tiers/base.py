@@ -131,6 +131,16 @@ class Tier(ABC):
         """Wait until queued writes have landed; False if ``timeout`` ran out first."""
         return True
 
+    # -- recurrent-state snapshots of hybrid models (``state_entry``) ---------------------------------
+    def put_state(self, namespace: bytes, block_hash: bytes, tokens: int, layers: list) -> None:
+        """Keep the snapshot taken after ``tokens`` tokens, ending with the block ``block_hash``
+        (``layers``: per layer ``{state index: (conv, recurrent)}`` or None). Default: not kept."""
+        return None
+
+    def get_state(self, namespace: bytes, block_hash: bytes, layouts: list) -> tuple[int, list] | None:
+        """The verified snapshot ending with ``block_hash`` as (tokens, layers), or None."""
+        return None
+
     def close(self) -> None:
         """Flush (bounded) and release resources; the tier serves nothing afterwards."""
         self.flush(10.0)

@@ -43,11 +43,13 @@ from ..memory import format_bytes, parse_bytes, suggested_size
 from .base import BlockData, BlockRequest, Tier
 from .entry import EntryError, TierKey, decode, encode, size_bounds
 from .kind import TierKind
+from .state_entry import decode_state, encode_state
 from .writer import EXIT_FLUSH_S, BackgroundWriter
 
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".kvb"
+STATE_SUFFIX = ".kvs"  # a recurrent-state snapshot (state_entry), beside the block it ends with
 TEMP_SUFFIX = ".tmp"
 DEFAULT_DISK_SIZE = "16GiB"
 RESCAN_EVERY = 32
@@ -202,6 +204,51 @@ class DiskTier(Tier):
         self._used = (self._used or 0) + len(data)
         self.count(puts=1, bytes_written=len(data))
 
+    # -- state snapshots (hybrid models) ---------------------------------------------------------------
+    def state_path(self, namespace: bytes, block_hash: bytes) -> Path:
+        return self.path(namespace, block_hash).with_suffix(STATE_SUFFIX)
+
+    def put_state(self, namespace: bytes, block_hash: bytes, tokens: int, layers: list) -> None:
+        """Written now, not queued: one file per snapshot, at most a few per call."""
+        if not self.usable or self._closed:
+            return
+        path = self.state_path(namespace, block_hash)
+        data = encode_state(namespace, block_hash, tokens, layers, self.mac_key)
+        temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._make_room(len(data))
+            write_file(temp, data, self.fsync)
+            os.replace(temp, path)
+        except OSError as error:
+            self._remove(temp)
+            self.error("write", f"cannot write {path} ({error}); the state stays uncached on disk")
+            return
+        self._used = (self._used or 0) + len(data)
+        self.count(bytes_written=len(data))
+
+    def get_state(self, namespace: bytes, block_hash: bytes, layouts: list) -> tuple[int, list] | None:
+        if not self.usable or self._closed:
+            return None
+        path = self.state_path(namespace, block_hash)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            self.error("read", f"cannot read {path} ({error})")
+            return None
+        try:
+            found = decode_state(data, namespace, block_hash, layouts, self.mac_key)
+        except EntryError as error:
+            self.error(error.kind, f"bad state entry {path} ({error}), deleted")
+            self._remove(path)
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)
+        self.count(bytes_read=len(data))
+        return found
+
     # -- size ----------------------------------------------------------------------------------------
     def _make_room(self, incoming: int) -> None:
         """Delete least recently used entries until ``incoming`` more bytes fit within ``size``."""
@@ -238,7 +285,7 @@ class DiskTier(Tier):
                     if now - info.st_mtime > STALE_TEMP_S:
                         self._remove(path)
                     continue
-                if name.endswith(SUFFIX):
+                if name.endswith((SUFFIX, STATE_SUFFIX)):
                     entries.append((path, info.st_size, info.st_mtime))
         return entries
 
@@ -247,6 +294,8 @@ class DiskTier(Tier):
         return sum(size for _, size, _ in self._scan()) if self.usable else 0
 
     def _forget(self, path: Path) -> None:
+        if not path.name.endswith(SUFFIX):
+            return
         try:
             key = (bytes.fromhex(path.parent.parent.name), bytes.fromhex(path.name[: -len(SUFFIX)]))
         except ValueError:

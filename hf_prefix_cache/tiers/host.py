@@ -19,6 +19,8 @@ from ..memory import available_bytes, format_bytes, parse_bytes, suggested_size
 from .base import BlockData, BlockRequest, Tier
 from .kind import TierKind
 
+STATE_SHARE = 4  # snapshots may take 1/STATE_SHARE of the host tier's capacity, beside its blocks
+
 
 class HostTier(Tier):
     name = "host"
@@ -32,6 +34,9 @@ class HostTier(Tier):
         self._entries: OrderedDict[tuple[bytes, bytes], BlockData] = OrderedDict()
         # the same keys by the entry's priority, each in LRU order (the lowest priority is evicted first)
         self._levels: dict[int, OrderedDict[tuple[bytes, bytes], None]] = {}
+        # recurrent-state snapshots of hybrid models: LRU within their own share of the capacity
+        self._states: OrderedDict[tuple[bytes, bytes], tuple[int, list, int]] = OrderedDict()
+        self.state_bytes = 0
         self._lock = threading.Lock()
 
     def _after_fork(self) -> None:
@@ -118,6 +123,40 @@ class HostTier(Tier):
         host.copy_(tensor)
         return host
 
+    def put_state(self, namespace: bytes, block_hash: bytes, tokens: int, layers: list) -> None:
+        host = [
+            {
+                index: tuple(None if t is None else self._to_host(t) for t in pair)
+                for index, pair in state.items()
+            }
+            if state
+            else None
+            for state in layers
+        ]
+        nbytes = sum(
+            t.nbytes for state in host if state for pair in state.values() for t in pair if t is not None
+        )
+        budget = self.capacity // STATE_SHARE
+        with self._lock:
+            old = self._states.pop((namespace, block_hash), None)
+            if old is not None:
+                self.state_bytes -= old[2]
+            if nbytes > budget:
+                return
+            while self.state_bytes + nbytes > budget:
+                _, (_, _, dropped) = self._states.popitem(last=False)
+                self.state_bytes -= dropped
+            self._states[(namespace, block_hash)] = (tokens, host, nbytes)
+            self.state_bytes += nbytes
+
+    def get_state(self, namespace: bytes, block_hash: bytes, layouts: list) -> tuple[int, list] | None:
+        with self._lock:
+            found = self._states.get((namespace, block_hash))
+            if found is None:
+                return None
+            self._states.move_to_end((namespace, block_hash))
+            return found[0], found[1]
+
     def delete(self, namespace: bytes, block_hash: bytes) -> None:
         with self._lock:
             if (namespace, block_hash) in self._entries:
@@ -128,6 +167,8 @@ class HostTier(Tier):
             doomed = [key for key in self._entries if namespace is None or key[0] == namespace]
             for key in doomed:
                 self._remove(key)
+            for key in [key for key in self._states if namespace is None or key[0] == namespace]:
+                self.state_bytes -= self._states.pop(key)[2]
         return len(doomed)
 
 

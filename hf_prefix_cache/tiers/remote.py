@@ -39,6 +39,7 @@ from ..memory import parse_bytes
 from .base import BlockData, BlockRequest, Tier, TierCounters
 from .entry import EntryError, TierKey, decode, encode
 from .kind import TierKind
+from .state_entry import decode_state, encode_state
 from .writer import EXIT_FLUSH_S, BackgroundWriter
 
 logger = logging.getLogger(__name__)
@@ -320,6 +321,47 @@ class RemoteTier(Tier):
         self.count(puts=len(sizes), skipped=skipped, bytes_written=sum(sizes))
         with self._count_lock:
             self.counters.write_s += time.perf_counter() - started
+
+    # -- state snapshots (hybrid models) ---------------------------------------------------------------
+    def state_key(self, namespace: bytes, block_hash: bytes) -> str:
+        return f"{self.key(namespace, block_hash)}:state"
+
+    def put_state(self, namespace: bytes, block_hash: bytes, tokens: int, layers: list) -> None:
+        """One SET, now (at most a few per call), bounded by ``timeout`` like every command."""
+        if not self.available():
+            self.count(unavailable=1)
+            return
+        value = encode_state(namespace, block_hash, tokens, layers, self.mac_key)
+        try:
+            self.client.set(self.state_key(namespace, block_hash), value, px=self.ttl_ms)
+        except self._redis_errors as error:
+            self._failed(error, "storing a state on")
+            return
+        self._succeeded()
+        self.count(bytes_written=len(value))
+
+    def get_state(self, namespace: bytes, block_hash: bytes, layouts: list) -> tuple[int, list] | None:
+        if not self.available():
+            return None
+        key = self.state_key(namespace, block_hash)
+        try:
+            value = self.client.get(key)
+        except self._redis_errors as error:
+            self._failed(error, "fetching a state from")
+            return None
+        finally:
+            self.count(round_trips=1)
+        self._succeeded()
+        if value is None:
+            return None
+        try:
+            found = decode_state(value, namespace, block_hash, layouts, self.mac_key)
+        except EntryError as error:
+            self.error(error.kind, f"bad state value under {key} ({error}), deleted")
+            self._delete_key(key)
+            return None
+        self.count(bytes_read=len(value))
+        return found
 
     # -- maintenance ---------------------------------------------------------------------------------
     def _delete_key(self, key: str) -> None:
