@@ -14,6 +14,7 @@ import torch
 from support.exact import assert_same_output, greedy, run
 from support.models import VOCAB, char_tokenizer, random_ids
 from support.tiers import BLOCK as TIER_BLOCK
+from support.tiers import NAMESPACE as TIER_NAMESPACE
 from support.tiers import make_store as make_tier_store
 from support.tiers import match as tier_match
 from support.tiers import store_tokens as tier_store_tokens
@@ -259,3 +260,29 @@ def test_the_disk_size_sweep_keeps_the_entries_of_pinned_blocks(tmp_path):
     assert disk.counters.evictions > 0
     store.pins.clear()
     assert store.pool.num_referenced == 0
+
+
+def test_the_host_tier_never_evicts_the_entry_of_a_pinned_block():
+    """A block promoted from host and then pinned: the host's copy stays while other blocks churn."""
+    block_bytes = make_tier_store(1).kv.block_bytes()
+    store = make_tier_store(3, host=10 * block_bytes)
+    pinned = list(range(100, 100 + 2 * TIER_BLOCK))
+    tier_store_tokens(store, pinned)
+    tier_store_tokens(store, list(range(200, 200 + 3 * TIER_BLOCK)))  # pinned's blocks go to host
+    blocks, sources, _ = tier_match(store, pinned, keep=True)  # promoted back; the host keeps its copies
+    namespace = store.tiers.namespace(TIER_NAMESPACE)
+    assert sources == ["host", "host"] and all(host_has(store, namespace, block) for block in blocks)
+    store.pins.max_bytes = 10**9  # two of the three pool blocks (the default cap is half the pool)
+    store.pins.pin(("ns", (), blocks[-1].block_hash), blocks, None)
+    host = store.tiers.host
+    host.capacity = 3 * block_bytes  # now too small: every write-back evicts an older entry
+    for start in range(300, 700, TIER_BLOCK):  # one-block calls: the free pool block churns through host
+        tier_store_tokens(store, list(range(start, start + TIER_BLOCK)))
+    assert host.counters.evictions > 0
+    assert all(host_has(store, namespace, block) for block in blocks)
+    store.pins.clear()
+    assert store.pool.num_referenced == 0
+
+
+def host_has(store, namespace, block) -> bool:
+    return store.tiers.host.has(namespace, block.block_hash)

@@ -15,6 +15,7 @@ POLICY = "tests/test_eviction_policy.py"
     tests=(
         f"{RETENTION}::test_a_pinned_prefix_survives_heavy_traffic_and_stays_exact[True]",
         f"{RETENTION}::test_the_disk_size_sweep_keeps_the_entries_of_pinned_blocks",
+        f"{RETENTION}::test_the_host_tier_never_evicts_the_entry_of_a_pinned_block",
     ),
 )
 def pin_ignored() -> None:
@@ -133,3 +134,24 @@ def pool_fraction_ignored() -> None:
         "sized_by_fraction",
         lambda original: lambda config, *args: dataclasses.replace(config, pool_fraction=None),
     )
+
+
+@mutant(
+    "tiers_ignore_pins",
+    breaks="the host tier and the disk sweep keep the entries of blocks pinned in this process",
+    tests=(
+        f"{RETENTION}::test_the_disk_size_sweep_keeps_the_entries_of_pinned_blocks",
+        f"{RETENTION}::test_the_host_tier_never_evicts_the_entry_of_a_pinned_block",
+    ),
+)
+def tiers_ignore_pins() -> None:
+    from hf_prefix_cache.tiering import TierStack
+
+    init = TierStack.__init__
+
+    def forgetting(self, store, tiers):
+        init(self, store, tiers)
+        for tier in self.tiers:
+            tier.kept = frozenset
+
+    TierStack.__init__ = forgetting
