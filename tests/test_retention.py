@@ -286,3 +286,22 @@ def test_the_host_tier_never_evicts_the_entry_of_a_pinned_block():
 
 def host_has(store, namespace, block) -> bool:
     return store.tiers.host.has(namespace, block.block_hash)
+
+
+def test_an_attached_model_takes_priority_and_pins_through_its_cache(model):
+    """attach(): generate() without a cache still takes ``priority=``; the returned cache pins."""
+    from hf_prefix_cache import attach, detach
+
+    expected = greedy(model, PREFIX)  # plain generate(), before attaching
+    cache = attach(model, block_size=BLOCK, num_blocks=POOL, policy="lru")
+    try:
+        assert cache.stats.policy == "lru"
+        detach(model)
+        cache = attach(model, block_size=BLOCK, num_blocks=POOL)
+        actual = greedy(model, PREFIX, priority=2)
+        assert_same_output(expected, actual)
+        assert {block.priority for block in cache.store.pool.table.values()} == {2}
+        assert cache.pin(PREFIX) == 4 * BLOCK and cache.stats.pinned_blocks == 4
+        assert cache.unpin(PREFIX) and cache.store.pool.num_referenced == 0
+    finally:
+        detach(model)

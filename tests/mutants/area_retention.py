@@ -45,6 +45,7 @@ def pin_ttl_never_expires() -> None:
     breaks="lower priorities are evicted first, on the device and in the host tier",
     tests=(
         f"{RETENTION}::test_a_higher_priority_prefix_goes_after_lower_ones[1]",
+        f"{RETENTION}::test_an_attached_model_takes_priority_and_pins_through_its_cache",
         f"{RETENTION}::test_prepare_takes_a_priority_per_token_and_a_block_takes_its_highest",
         f"{RETENTION}::test_a_priority_travels_to_the_host_tier_and_back",
         f"{POLICY}::test_lower_priority_goes_first_whatever_its_recency[retain]",
