@@ -168,6 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="store size in blocks instead of --cache-memory; make it small (e.g. 100 with the default run) to force eviction",
     )
     cache.add_argument(
+        "--pool-fraction",
+        type=float,
+        default=None,
+        help="store size as a fraction of the replay's working set (e.g. 0.25: a quarter of the distinct "
+        "blocks the conversations need, with the dataset's replies as history), instead of --cache-blocks",
+    )
+    cache.add_argument(
+        "--policy",
+        choices=("retain", "lru"),
+        default=None,
+        help="PrefixCache eviction policy (default: the library's, retain)",
+    )
+    cache.add_argument(
         "--host-memory",
         default=None,
         help="PrefixCache host-RAM tier size (e.g. 4GiB): device-pool evictions spill there (default: none)",
@@ -256,6 +269,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         block_size=args.block_size,
         cache_memory=args.cache_memory,
         cache_blocks=args.cache_blocks,
+        pool_fraction=args.pool_fraction,
+        policy=args.policy,
         host_memory=args.host_memory,
         disk=args.disk,
         disk_size=args.disk_size,

@@ -50,6 +50,10 @@ class EvalConfig:
     block_size: int = 16
     cache_memory: str | None = "1GiB"
     cache_blocks: int | None = None
+    # the store as this fraction of the replay's working set (its distinct blocks with the dataset's
+    # replies as history, retention_trace.py): e.g. 0.25 makes a round-robin replay evict between turns
+    pool_fraction: float | None = None
+    policy: str | None = None  # PrefixCache eviction policy ("retain", the default, or "lru")
     host_memory: str | None = None  # PrefixCache host tier size; None: no host tier
     disk: str | None = None  # PrefixCache disk tier folder; None: no disk tier
     disk_size: str | None = None
@@ -97,6 +101,13 @@ class EvalConfig:
         if self.disk_size is not None and self.disk is None:
             raise ValueError("disk_size needs disk (the disk tier folder)")
         self._check_subprocess_runs()
+        if self.pool_fraction is not None:
+            if isinstance(self.pool_fraction, bool) or not 0 < float(self.pool_fraction) <= 1:
+                raise ValueError(f"pool_fraction must be in (0, 1], got {self.pool_fraction!r}")
+            if self.cache_blocks is not None:
+                raise ValueError("give pool_fraction or cache_blocks to size the prefix store, not both")
+        if self.policy is not None and self.policy not in ("retain", "lru"):
+            raise ValueError(f"policy must be 'retain' or 'lru', got {self.policy!r}")
         if self.cache_memory is None and self.cache_blocks is None:
             raise ValueError("give cache_memory or cache_blocks to size the prefix store")
 

@@ -66,6 +66,7 @@ class ModeContext:
     block_size: int = 16
     cache_memory: str | int | None = "1GiB"
     cache_blocks: int | None = None
+    policy: str | None = None  # PrefixCache eviction policy (None: the library's default)
     tiers: dict[str, Any] = field(default_factory=dict)  # PrefixCache host_memory / disk / disk_size
     recipe_prefix: list[int] | None = None  # the shared system prompt's tokens, for the deepcopy recipe
     max_request_tokens: int = 4096  # longest prompt + reply expected, to size continuous batching's cache
@@ -329,6 +330,8 @@ class PrefixCacheMode(Mode):
             if self.context.cache_blocks is not None
             else {"max_memory": self.context.cache_memory}
         )
+        if self.context.policy is not None:
+            sizing["policy"] = self.context.policy
         self.cache = PrefixCache(
             self.model, block_size=self.context.block_size, **sizing, **self.context.tiers
         )

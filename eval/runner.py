@@ -9,6 +9,7 @@ reset, so the measured run starts cold and the warm-up's one-off costs stay out 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -34,6 +35,8 @@ from .modes import BASELINE, MODES, ContinuousBatching, Generation, Mode, ModeCo
 from .replay import Replay, build_messages, render_prompt
 from .report import write_outputs
 from .results import EvalResults
+from .retention_sim import blocks_for, hashed, working_set
+from .retention_trace import round_robin
 from .subruns import PlannedTurn
 from .timing import load_average
 
@@ -74,6 +77,8 @@ def run_evaluation(config: EvalConfig | None = None, *, model=None, tokenizer=No
             "lower --workers or raise --conversations"
         )
     shared_system = resolve_system_prompt(config.system_prompt)
+    if config.pool_fraction is not None:
+        config = sized_by_fraction(config, conversations, tokenizer, shared_system)
     context_limit = effective_context_limit(model, config)
     replay = Replay(
         conversations,
@@ -89,6 +94,7 @@ def run_evaluation(config: EvalConfig | None = None, *, model=None, tokenizer=No
         block_size=config.block_size,
         cache_memory=config.cache_memory,
         cache_blocks=config.cache_blocks,
+        policy=config.policy,
         tiers=single_process_tiers(config, key_prefix),
         recipe_prefix=recipe_prefix(tokenizer, shared_system),
         max_request_tokens=replay.longest_prompt_estimate(config.max_new_tokens) + config.max_new_tokens,
@@ -173,6 +179,21 @@ def run_evaluation(config: EvalConfig | None = None, *, model=None, tokenizer=No
     if run_dir is not None:
         write_outputs(results, run_dir)
     return results
+
+
+def sized_by_fraction(config: EvalConfig, conversations, tokenizer, shared_system) -> EvalConfig:
+    """``config`` with ``cache_blocks`` set to ``pool_fraction`` of the replay's working set (the blocks of
+    a round-robin replay with the dataset's replies, ``retention_trace.py``; model replies are about as long)."""
+    trace = hashed(round_robin(conversations, tokenizer, system_prompt=shared_system), config.block_size)
+    blocks = blocks_for(trace, config.pool_fraction)
+    logger.info(
+        "pool fraction %.2f of %d working-set blocks: %d blocks",
+        config.pool_fraction,
+        working_set(trace),
+        blocks,
+    )
+    extra = {**config.extra, "pool_fraction": config.pool_fraction, "working_set_blocks": working_set(trace)}
+    return dataclasses.replace(config, cache_blocks=blocks, pool_fraction=None, extra=extra)
 
 
 def single_process_tiers(config: EvalConfig, key_prefix: str) -> dict[str, Any]:

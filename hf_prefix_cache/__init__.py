@@ -6,6 +6,7 @@ from .compat import CACHE_KWARG
 from .explain import HitReport
 from .generation import install, is_installed, uninstall
 from .memory import parse_bytes
+from .priorities import ROLE_PRIORITIES, role_priorities
 from .reasons import PrefixCacheFallbackWarning
 from .scoring import Continuation, continuation_logprobs, score
 from .stats import CacheStats, CallStats
@@ -13,6 +14,7 @@ from .store import BlockStore
 
 __all__ = [
     "CACHE_KWARG",
+    "ROLE_PRIORITIES",
     "BlockStore",
     "CacheStats",
     "CallStats",
@@ -27,6 +29,7 @@ __all__ = [
     "install",
     "is_installed",
     "parse_bytes",
+    "role_priorities",
     "score",
     "uninstall",
 ]

@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
-from . import adapters, checkpoints, fingerprint, scoring
+from . import adapters, checkpoints, fingerprint, priorities, scoring
 from .call import (
     CallState,
     Ownership,
@@ -39,6 +39,8 @@ from .generation import install as install_generate
 from .identity import Identity
 from .layers import PrefixLayer
 from .layout import UnsupportedLayout
+from .memory import parse_bytes
+from .pinning import pin_prefix, unpin_prefix
 from .placement import place_prefix, reserve_room
 from .prompt_rows import as_batch, split_rows
 from .reasons import (
@@ -91,6 +93,9 @@ class PrefixCache(DynamicCache, Served):
         tier_secret: a secret (at least 16 bytes; default ``$HF_PREFIX_CACHE_TIER_SECRET``) that
             authenticates every disk and remote entry with a MAC: entries without a valid one (forged by
             anyone who can write the folder or server, or written with another or no secret) are misses.
+        policy: which unreferenced block is evicted first: ``"retain"`` (default: leaves of the most
+            recently finished conversation first, shared prefixes last) or ``"lru"`` (``eviction.py``).
+        max_pinned: the most ``pin()`` may hold, in bytes or as a string ("256MiB"); default half the pool.
         **tier_options: the arguments of a tier kind added to ``hf_prefix_cache.tiers.registry.KINDS``.
     """
 
@@ -116,6 +121,8 @@ class PrefixCache(DynamicCache, Served):
         tier_secret: str | bytes | None = None,
         snapshot_every: int | None = checkpoints.DEFAULT_SNAPSHOT_EVERY,
         snapshot_memory: int | str | None = None,
+        policy: str | None = None,
+        max_pinned: int | str | None = None,
         **tier_options,
     ):
         self.model = model
@@ -125,7 +132,7 @@ class PrefixCache(DynamicCache, Served):
         self.cache_salt = cache_salt
         self.extra_keys = extra_keys_tuple(extra_keys)
         self.snapshot_every = positive_int("snapshot_every", snapshot_every, "32") if snapshot_every else None
-        store_config = StoreConfig.checked(store, block_size, max_memory, num_blocks, snapshot_memory)
+        store_config = StoreConfig.checked(store, block_size, max_memory, num_blocks, snapshot_memory, policy)
         tiers = TierConfig.checked(
             host_memory=host_memory,
             disk=disk,
@@ -149,6 +156,8 @@ class PrefixCache(DynamicCache, Served):
             else:
                 self.store = build_store(layouts, confirmed, store_config, tiers)
                 layers = prefix_layers(layouts)
+                if max_pinned is not None:
+                    self.store.pins.max_bytes = parse_bytes(max_pinned, "max_pinned")
         if layers is None:
             layers = DynamicCache(config=model.config.get_text_config(decoder=True)).layers
             self.warn_once(REUSE_OFF.format(self.fallback))
@@ -199,13 +208,16 @@ class PrefixCache(DynamicCache, Served):
         num_expand: int = 1,
         max_new_tokens: int | None = None,
         logits_to_keep: int = 1,
+        priority: int | Sequence[int] | None = None,
     ) -> PrefixCache:
         """Fill this cache with the longest stored prefix of ``input_ids`` and return it.
 
         Pass the same ``input_ids``/``attention_mask`` to ``generate()`` next; ``num_expand`` is
         ``max(num_beams, num_return_sequences)``; ``max_new_tokens`` sizes the layer buffers up front
         (without it they grow by doubling). ``logits_to_keep``: the last this many prompt tokens are
-        always computed, since their logits are wanted (a scoring call, ``scoring.py``). Call ``commit``
+        always computed, since their logits are wanted (a scoring call, ``scoring.py``). ``priority``:
+        the retention priority of the blocks this call hits and stores, an int or one int per prompt token
+        (``role_priorities``); lower priorities are evicted first (``priorities.py``). Call ``commit``
         (or ``release``) afterwards.
         """
         started = time.perf_counter()
@@ -222,6 +234,7 @@ class PrefixCache(DynamicCache, Served):
                 return self
             size = self.block_size
             call = self._call = CallState(self.namespace, rows, ids.shape[1], num_expand)
+            call.priority = priorities.checked(priority, len(rows), ids.shape[1])
             call.prompt_ids = ids.tolist()
             device_types = {layout.device.type for layout in self.store.layouts}
             call.off_default = off_default(self.model, device_types)
@@ -235,6 +248,10 @@ class PrefixCache(DynamicCache, Served):
                 found = self.store.match(call.namespace, row.tokens, row.hashes, usable, self.extra_keys)
                 row.hits = found.blocks
                 row_sources.extend(found.sources)
+                if call.priority is not None:
+                    self.store.prioritize(
+                        row.hits, priorities.block_levels(call.priority, len(row.hits), size)
+                    )
             hits = None
             if self.store.stateful:  # restart rows from snapshots, compute up to where states are wanted
                 if call.off_default:  # nothing stored fits the call and nothing of it will be stored
@@ -444,6 +461,17 @@ class PrefixCache(DynamicCache, Served):
         hashes = self._identity.block_hashes(namespace, tokens, self.block_size)
         return stored_prefix(self.store, namespace, tokens, hashes, self.extra_keys, pieces)
 
+    # -- retention (pinning.py) ---------------------------------------------------------------------
+    def pin(self, prompt, tokenizer=None, ttl: float | None = None) -> int:
+        """Keep the full blocks of ``prompt`` (ids, a 1-row tensor, or text with ``tokenizer``) from
+        eviction until ``unpin(prompt)``, ``ttl`` seconds, or ``clear()``; blocks not stored yet are
+        computed first (one forward pass). Returns the tokens pinned. Over ``max_pinned``: ValueError."""
+        return pin_prefix(self, prompt, tokenizer, ttl)
+
+    def unpin(self, prompt, tokenizer=None) -> bool:
+        """Release the pin of ``prompt``; False (a no-op) when it is not pinned (never, expired, cleared)."""
+        return unpin_prefix(self, prompt, tokenizer)
+
     # -- stats -------------------------------------------------------------------------------------
     @property
     def last_call(self) -> CallStats:
@@ -486,7 +514,7 @@ class PrefixCache(DynamicCache, Served):
                     layer.release_buffers()
         if self.store is None:
             return 0
-        dropped = self.store.clear()
+        dropped = self.store.clear()  # pins too (logged as a warning when there were some)
         if self.store.tiers is not None:
             self.store.tiers.clear(self.store.tiers.namespace(self.namespace, self.extra_keys))
         fingerprint.forget(self.model)  # the next call hashes every weight again (every view of the model)

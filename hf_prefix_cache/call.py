@@ -41,6 +41,7 @@ class CallState:
         self.off_default: str | None = None
         # decode steps get an explicit mask so that SDPA packs grouped query heads (see decode_masks.py)
         self.decode_masks = False
+        self.priority: int | list[int] | None = None  # retention priority of its blocks (priorities.py)
         # hybrid models (checkpoints.py): states taken during the call, stored at commit, and the recorder
         # that takes them while generate() runs
         self.pending: list = []

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .eviction import DEFAULT_POLICY, POLICIES
 from .layers import PrefixFullLayer, PrefixSlidingLayer
 from .layout import LayerLayout, known_layout, predict_layout, probe_layout
 from .memory import parse_bytes
@@ -40,20 +41,29 @@ class StoreConfig:
     max_memory: int | str | None = None
     num_blocks: int | None = None
     snapshot_memory: int | str | None = None  # hybrid models: the budget's share for state snapshots
+    policy: str | None = None  # eviction policy (eviction.py); None: the default
 
     @classmethod
-    def checked(cls, store, block_size, max_memory, num_blocks, snapshot_memory=None) -> StoreConfig:
+    def checked(
+        cls, store, block_size, max_memory, num_blocks, snapshot_memory=None, policy=None
+    ) -> StoreConfig:
         if block_size is not None:
             block_size = positive_int("block_size", block_size, "16")
         if num_blocks is not None:
             num_blocks = positive_int("num_blocks", num_blocks, "1024")
+        if policy is not None and policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if store is not None:
             store = shared_store(store, num_blocks, max_memory)
             if snapshot_memory is not None:
                 raise ValueError("the shared store's snapshot_memory is fixed; drop snapshot_memory=")
+            if policy is not None and policy != store.policy:
+                raise ValueError(
+                    f"the shared store evicts by {store.policy!r}; drop policy= or make a new store"
+                )
         if snapshot_memory is not None:
             parse_bytes(snapshot_memory)  # a clear error now for a malformed size
-        return cls(store, block_size, max_memory, num_blocks, snapshot_memory)
+        return cls(store, block_size, max_memory, num_blocks, snapshot_memory, policy)
 
 
 def model_layouts(model: torch.nn.Module, probe: bool) -> tuple[list[LayerLayout], bool]:
@@ -109,6 +119,7 @@ def _resolve_store(layouts: list[LayerLayout], confirmed: bool, config: StoreCon
             num_blocks=config.num_blocks,
             confirmed=confirmed,
             snapshot_memory=config.snapshot_memory,
+            policy=config.policy or DEFAULT_POLICY,
         )
     if not store.compatible_with(layouts):
         raise ValueError("this store was built for a model with other K/V shapes or dtypes; make a new one")

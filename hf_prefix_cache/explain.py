@@ -30,6 +30,7 @@ class HitReport:
     matched_tokens: int
     block_size: int
     pieces: list[str] | None = field(default=None, repr=False)
+    pinned_tokens: int = 0  # the first this many tokens sit in pinned blocks (pin()): never evicted
 
     @property
     def prompt_tokens(self) -> int:
@@ -54,6 +55,8 @@ class HitReport:
 
     def __str__(self) -> str:
         summary = f"reused {self.hit_tokens}/{len(self.tokens)} prompt tokens ({self.hit_rate:.0%})"
+        if self.pinned_tokens:
+            summary += f", the first {self.pinned_tokens} pinned"
         if self.first_miss is None:
             return summary + "; every token matches stored text"
         context = self.text(max(0, self.first_miss - 8), self.first_miss)
@@ -61,8 +64,10 @@ class HitReport:
         return f"{summary}; first miss at token {self.first_miss}: {context!r} | {after!r}"
 
     def _repr_html_(self) -> str:
+        pinned = min(self.pinned_tokens, self.hit_tokens)
         spans = [
-            ("#c8f7c5", "reused", 0, self.hit_tokens),
+            ("#9be39a", "reused, pinned (never evicted)", 0, pinned),
+            ("#c8f7c5", "reused", pinned, self.hit_tokens),
             (
                 "#fff3b0",
                 "matches stored text, not reused (partial block or last token)",
@@ -114,6 +119,7 @@ def stored_prefix(
         parent_ref = blocks[-1].ref if blocks else root_ref(namespace)
         with store.lock:
             children = [b.key[1] for b in store.pool.table.values() if b.key[0] == parent_ref]
+            pinned = sum(1 for block in blocks if store.pins.is_pinned(block))
     finally:
         store.release(blocks)
     matched = len(blocks) * size + matched_length(children, tokens[len(blocks) * size :])
@@ -121,4 +127,4 @@ def stored_prefix(
     if store.snapshots is not None:  # a hybrid model restarts at the longest prefix with a state snapshot
         with store.lock:
             usable = next((n for n in range(usable, 0, -1) if store.snapshots.peek(blocks[n - 1])), 0)
-    return HitReport(tokens, usable * size, matched, size, pieces)
+    return HitReport(tokens, usable * size, matched, size, pieces, pinned * size)

@@ -125,7 +125,10 @@ def reentered() -> bool:
 
 
 def run_generate(cache, original, args: tuple, kwargs: dict):
-    """One ``generate()`` call through ``cache``: prepare, generate, commit; release on any exception."""
+    """One ``generate()`` call through ``cache``: prepare, generate, commit; release on any exception.
+
+    ``priority=`` is the cache's (``prepare(priority=...)``), not generate()'s: it is taken out first."""
+    priority = kwargs.pop("priority", None)
     if cache.store is None:
         # The whole model falls back (warned once, up front). generate() builds the cache the model needs:
         # a plain DynamicCache handed to an encoder-decoder would serve cross-attention K/V as self-attention.
@@ -149,7 +152,9 @@ def run_generate(cache, original, args: tuple, kwargs: dict):
     expand = max(config.num_beams or 1, config.num_return_sequences or 1)
     new_tokens = config.max_new_tokens or max(0, (config.max_length or 0) - input_ids.shape[-1])
     try:  # prepare inside: an interrupt right after it returns still releases what it took
-        cache.prepare(input_ids, attention_mask, num_expand=expand, max_new_tokens=new_tokens)
+        cache.prepare(
+            input_ids, attention_mask, num_expand=expand, max_new_tokens=new_tokens, priority=priority
+        )
         # reported as compileable under a compile_config, generate() would compile the forward
         cache.start_generate(decode_masks=config.compile_config is None)
         output = original(*args, **kwargs)

@@ -88,6 +88,7 @@ SERVED_KWARGS = frozenset(
         "synced_gpus",
         "streamer",
         "tokenizer",  # stop_strings
+        "priority",  # the cache's retention priority: the wrapper takes it out before generate() runs
         "trust_remote_code",  # only read with a Hub custom_generate, which falls back
         # classifier-free guidance: the unconditional forward runs on a cache of its own
         "negative_prompt_ids",

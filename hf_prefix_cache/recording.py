@@ -9,6 +9,7 @@ import torch
 
 from .call import CallState
 from .hashing import hash_blocks
+from .priorities import block_levels
 from .prompt_rows import reply_tokens
 from .store import BlockStore, WriteBlocks
 
@@ -32,6 +33,8 @@ def record_call(
             writer = block_writer(layers, store, source, row.pad)
             chain = store.extend_chain(call.namespace, tokens, hashes, row.hits, writer, extra_keys)
             try:
+                if call.priority is not None:
+                    store.prioritize(chain, block_levels(call.priority, len(chain), store.block_size))
                 if on_chain is not None:
                     on_chain(source, chain, tokens)
             finally:

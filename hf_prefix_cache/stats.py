@@ -54,6 +54,9 @@ class CacheStats:
     snapshot_bytes: int = 0
     snapshots_stored: int = 0
     snapshot_hits: int = 0
+    pinned_blocks: int = 0  # blocks held by pin() (never evicted until unpinned); they survive reset_stats()
+    pinned_bytes: int = 0
+    policy: str = ""  # the store's eviction policy (eviction.py)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -74,6 +77,7 @@ class CacheStats:
             )
             + (f"; FALLBACK: {self.fallback}" if self.fallback else "")
             + (f"; {self.refused_calls} calls refused by the store" if self.refused_calls else "")
+            + (f"; {self.pinned_blocks} blocks pinned" if self.pinned_blocks else "")
         )
 
     def _repr_html_(self) -> str:
@@ -180,6 +184,9 @@ class Counters:
             tier_errors=tiers.errors if tiers else 0,
             tiers=tiers.counters() if tiers else {},
             **_snapshot_gauges(getattr(store, "snapshots", None), self),
+            pinned_blocks=store.pins.num_blocks if store is not None else 0,
+            pinned_bytes=store.pins.num_blocks * store.kv.block_bytes() if store is not None else 0,
+            policy=store.policy if store is not None else "",
         )
 
 

@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from .block_pool import Block, BlockPool, ascending
+from .eviction import DEFAULT_POLICY
 from .hashing import BlockHash
 from .identity import root_ref
 from .kv_pool import KVPool
 from .layout import LayerLayout, probe_layout
 from .memory import check_fits, parse_bytes
+from .pins import Pins
 from .snapshots import SnapshotStore
 from .tiering import TierStack
 from .validation import positive_int
@@ -61,6 +63,7 @@ class BlockStore:
         confirmed: bool = True,
         max_memory: int | None = None,
         snapshot_memory: int = 0,
+        policy: str = DEFAULT_POLICY,
     ):
         block_size = positive_int("block_size", block_size, "16")
         num_blocks = positive_int("num_blocks", num_blocks, "1024")
@@ -71,9 +74,11 @@ class BlockStore:
         # until a real forward confirms them (``confirm``)
         self.confirmed = confirmed
         self._max_memory = max_memory  # the budget the pool was sized from, to size it again on a correction
+        self.policy = policy  # the eviction policy's name (eviction.py)
         self._build(layouts, num_blocks)
         # recurrent-state snapshots of hybrid models, beside the blocks (None: a model without such state)
         self.snapshots = SnapshotStore(snapshot_memory) if any(x.states for x in layouts) else None
+        self.pins = Pins(self)  # pinned prefixes (pins.py): referenced until unpinned or expired
 
     @property
     def stateful(self) -> bool:
@@ -88,7 +93,7 @@ class BlockStore:
             )
         check_fits(needed)  # before reserving memory the machine cannot hold
         self.layouts = layouts
-        self.pool = BlockPool(num_blocks)
+        self.pool = BlockPool(num_blocks, self.policy)
         self.kv = KVPool(layouts, num_blocks, self.block_size)
 
     def confirm(self, layouts: list[LayerLayout]) -> str | None:
@@ -143,6 +148,7 @@ class BlockStore:
         num_blocks: int | None = None,
         confirmed: bool = True,
         snapshot_memory: int | str | None = None,
+        policy: str = DEFAULT_POLICY,
     ) -> BlockStore:
         """A store for ``layouts`` holding ``num_blocks`` blocks, or as many as fit in ``max_memory``;
         ``confirmed=False`` for layouts predicted from a config (see ``confirm``). For a hybrid model,
@@ -180,6 +186,7 @@ class BlockStore:
             confirmed=confirmed,
             max_memory=budget,
             snapshot_memory=snapshots or 0,
+            policy=policy,
         )
 
     # -- lookups -----------------------------------------------------------------------------------
@@ -208,6 +215,7 @@ class BlockStore:
         found = Match()
         try:
             with self.lock:
+                self.pins.expire()
                 for index in range(limit):
                     window = tokens[index * size : (index + 1) * size]
                     parent = found.blocks[-1] if found.blocks else None
@@ -245,6 +253,7 @@ class BlockStore:
         """
         chain = list(held)
         with self.lock:
+            self.pins.expire()
             try:
                 self._extend(namespace, tokens, hashes, chain, write, extra_keys)
             except BaseException:
@@ -305,11 +314,18 @@ class BlockStore:
             self.pool.release(blocks)
 
     def clear(self) -> int:
-        """Drop every stored block and snapshot (e.g. after a weight update)."""
+        """Drop every stored block and snapshot (e.g. after a weight update), pins included."""
         with self.lock:
+            self.pins.clear()
             if self.snapshots is not None:
                 self.snapshots.clear()
             return self.pool.clear()
+
+    def prioritize(self, blocks: Sequence[Block], levels: Sequence[int]) -> None:
+        """Raise each block of a chain the caller references to its level (``priorities.py``)."""
+        with self.lock:
+            for block, level in zip(blocks, levels):
+                self.pool.raise_priority(block, level)
 
     # -- accounting --------------------------------------------------------------------------------
     @property

@@ -58,6 +58,8 @@ class TierStack:
         self._origins: dict[int, _Origin] = {}
         self._namespaces: dict[tuple[str, tuple], bytes] = {}
         store.pool.on_evict = self.evicting
+        for tier in self.tiers:  # size sweeps skip the entries of blocks pinned in this process
+            tier.kept = lambda pins=store.pins: pins.hashes
 
     def namespace(self, namespace: str, extra_keys: tuple[Hashable, ...] = ()) -> bytes:
         key = (namespace, tuple(extra_keys))
@@ -143,7 +145,9 @@ class TierStack:
             return  # republished through a path that did not tell us: its identity is unknown
         try:
             if not self.host.has(origin.namespace, origin.block_hash):
-                self.host.put(origin.namespace, [self._read_block(block, origin)])
+                data = self._read_block(block, origin)
+                data.priority = block.priority  # the priority travels with the block (and comes back)
+                self.host.put(origin.namespace, [data])
         except Exception as error:
             self.host.error("write-back", f"could not keep an evicted block ({error!r})")
 
@@ -266,6 +270,7 @@ class TierStack:
                 break
             else:
                 pool.cache(block, data.block_hash, key)
+                block.priority = data.priority
                 self._origins[block.block_id] = _Origin(
                     digest, data.block_hash, data.parent_hash, tuple(data.tokens), block.generation
                 )

@@ -451,3 +451,33 @@ def test_cli_rejects_bad_options(capsys):
     assert "unknown mode" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--warmup-calls", "-1"])
+
+
+@pytest.mark.parametrize("policy", ["lru", "retain"])
+def test_pool_fraction_sizes_the_store_from_the_working_set_and_policy_reaches_the_cache(
+    model, tokenizer, dataset, policy
+):
+    from hf_prefix_cache_eval.retention_sim import blocks_for, hashed
+    from hf_prefix_cache_eval.retention_trace import round_robin
+
+    config = EvalConfig(
+        dataset=str(dataset),
+        conversations=None,
+        system_prompt=SYSTEM,
+        max_new_tokens=4,
+        warmup_calls=0,
+        modes=("prefix_cache",),
+        pool_fraction=0.25,
+        policy=policy,
+        output_dir=None,
+        progress=False,
+    )
+    results = run_evaluation(config, model=model, tokenizer=tokenizer)
+    stats = results.modes["prefix_cache"]["stats"]
+    trace = hashed(round_robin(load_conversations(str(dataset)), tokenizer, system_prompt=SYSTEM), 16)
+    assert stats["num_blocks"] == blocks_for(trace, 0.25) and stats["policy"] == policy
+    assert stats["evictions"] > 0 and results.summary_frame().loc["prefix_cache", "mismatches"] == 0
+    with pytest.raises(ValueError, match="not both"):
+        EvalConfig(pool_fraction=0.25, cache_blocks=12)
+    with pytest.raises(ValueError, match="pool_fraction"):
+        EvalConfig(pool_fraction=1.5)

@@ -91,7 +91,7 @@ def test_identical_blocks_are_stored_once():
 
 
 def test_lru_evicts_the_tail_of_a_chain_before_its_parents():
-    store = make_store(4)
+    store = BlockStore(LAYOUT, block_size=BLOCK, num_blocks=4, policy="lru")
     store_tokens(store, list(range(12)))  # chain of 3 blocks
     store_tokens(store, [40, 41, 42, 43])  # 1 block: the pool is full
     store_tokens(store, [60, 61, 62, 63])  # evicts one block: the tail of the older chain

@@ -15,7 +15,7 @@ import threading
 import warnings
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -45,6 +45,7 @@ class BlockData:
     tokens: tuple[int, ...]
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    priority: int = 0  # the pool block's retention priority: the host tier evicts lower ones first
 
     @property
     def nbytes(self) -> int:
@@ -87,6 +88,7 @@ class Tier(ABC):
 
     def __init__(self) -> None:
         self.counters = TierCounters()
+        self.kept: Callable[[], frozenset[bytes]] = frozenset  # block hashes its size limit must not evict
         self._warned: set[str] = set()
         self._count_lock = threading.Lock()
         _TIERS.add(self)

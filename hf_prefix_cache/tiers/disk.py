@@ -259,9 +259,12 @@ class DiskTier(Tier):
             self._used = sum(size for _, size, _ in entries)
             if self._used + incoming > self.size:
                 target = min(self.size - incoming, int(self.size * LOW_WATER))
+                kept = {h.hex() for h in self.kept()}  # blocks pinned in this process: their entries stay
                 for path, size, _ in sorted(entries, key=lambda entry: entry[2]):
                     if self._used <= target:
                         break
+                    if path.name[: -len(SUFFIX)] in kept:
+                        continue
                     if self._remove(path):
                         self.count(evictions=1)
                     self._used -= size

@@ -1,4 +1,5 @@
-"""The host tier: blocks in CPU RAM, LRU by bytes; pinned memory when the device pool is on CUDA.
+"""The host tier: blocks in CPU RAM, LRU by bytes within a priority (the lowest goes first), never a
+pinned block's entry; pinned memory when the device pool is on CUDA.
 
 It receives the device pool's evictions (write-back), so a pool that is too small spills here instead
 of losing blocks. Entries are tensors, not encoded bytes: nothing leaves the process, and a hit is
@@ -31,6 +32,8 @@ class HostTier(Tier):
         self.pin_memory = pin_memory
         self.used = 0
         self._entries: OrderedDict[tuple[bytes, bytes], BlockData] = OrderedDict()
+        # the same keys by the entry's priority, each in LRU order (the lowest priority is evicted first)
+        self._levels: dict[int, OrderedDict[tuple[bytes, bytes], None]] = {}
         # recurrent-state snapshots of hybrid models: LRU within their own share of the capacity
         self._states: OrderedDict[tuple[bytes, bytes], tuple[int, list, int]] = OrderedDict()
         self.state_bytes = 0
@@ -55,6 +58,7 @@ class HostTier(Tier):
                     self.counters.misses += 1
                     break
                 self._entries.move_to_end((namespace, request.block_hash))
+                self._levels[entry.priority].move_to_end((namespace, request.block_hash))
                 found.append(entry)
             self.counters.hits += len(found)
             self.counters.bytes_read += sum(entry.nbytes for entry in found)
@@ -66,20 +70,43 @@ class HostTier(Tier):
                 key = (namespace, block.block_hash)
                 if key in self._entries:
                     self._entries.move_to_end(key)
+                    self._levels[self._entries[key].priority].move_to_end(key)
                     self.counters.skipped += 1
                     continue
                 if block.nbytes > self.capacity:
                     self.counters.dropped += 1
                     continue
-                while self.used + block.nbytes > self.capacity:
-                    _, old = self._entries.popitem(last=False)
-                    self.used -= old.nbytes
+                while self.used + block.nbytes > self.capacity and self._evict_one():
                     self.counters.evictions += 1
+                if self.used + block.nbytes > self.capacity:  # the rest is pinned
+                    self.counters.dropped += 1
+                    continue
                 stored = self._owned(block)
+                stored.priority = block.priority
                 self._entries[key] = stored
+                self._levels.setdefault(stored.priority, OrderedDict())[key] = None
                 self.used += stored.nbytes
                 self.counters.puts += 1
                 self.counters.bytes_written += stored.nbytes
+
+    def _evict_one(self) -> bool:
+        """Drop the least recently used entry of the lowest priority that no pin keeps; False if none."""
+        kept = self.kept()
+        for priority in sorted(self._levels):
+            for key in self._levels[priority]:
+                if key[1] not in kept:
+                    self._remove(key)
+                    return True
+        return False
+
+    def _remove(self, key: tuple[bytes, bytes]) -> BlockData:
+        entry = self._entries.pop(key)
+        level = self._levels[entry.priority]
+        del level[key]
+        if not level:
+            del self._levels[entry.priority]
+        self.used -= entry.nbytes
+        return entry
 
     def _owned(self, block: BlockData) -> BlockData:
         """A CPU copy (pinned on CUDA hosts) unless ``block`` already is one the tier may keep."""
@@ -132,15 +159,14 @@ class HostTier(Tier):
 
     def delete(self, namespace: bytes, block_hash: bytes) -> None:
         with self._lock:
-            entry = self._entries.pop((namespace, block_hash), None)
-            if entry is not None:
-                self.used -= entry.nbytes
+            if (namespace, block_hash) in self._entries:
+                self._remove((namespace, block_hash))
 
     def clear(self, namespace: bytes | None = None) -> int:
         with self._lock:
             doomed = [key for key in self._entries if namespace is None or key[0] == namespace]
             for key in doomed:
-                self.used -= self._entries.pop(key).nbytes
+                self._remove(key)
             for key in [key for key in self._states if namespace is None or key[0] == namespace]:
                 self.state_bytes -= self._states.pop(key)[2]
         return len(doomed)
