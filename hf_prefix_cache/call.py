@@ -46,7 +46,6 @@ class CallState:
         # that takes them while generate() runs
         self.pending: list = []
         self.recorder = None
-        self.state_sources: list[str] = []  # tiers that snapshots of this call's hits were promoted from
 
 
 class Ownership:

@@ -98,7 +98,6 @@ def promote_state(cache, call, block, tokens: int):
     with store.lock:
         if block.block_hash is None or not store.snapshots.put(block, tokens, layers):
             return None
-        call.state_sources.append(found[2])
         return store.snapshots.get(block)
 
 
