@@ -32,6 +32,7 @@ from .call import (
     unprepared,
 )
 from .construction import StoreConfig, TierConfig, build_store, model_layouts, prefix_layers
+from .cost_model import model_costs
 from .decode_masks import long_enough, wants_decode_masks
 from .explain import HitReport, stored_prefix
 from .generation import Served
@@ -140,6 +141,8 @@ class PrefixCache(DynamicCache, Served):
             else:
                 self.store = build_store(layouts, confirmed, store_config, tiers)
                 layers = prefix_layers(layouts)
+                if self.store.tiers is not None:  # the cost model's prior: this model's FLOPs, its device
+                    self.store.tiers.cost.set_model(*model_costs(model))
         if layers is None:
             layers = DynamicCache(config=model.config.get_text_config(decoder=True)).layers
             self.warn_once(REUSE_OFF.format(self.fallback))
@@ -217,6 +220,7 @@ class PrefixCache(DynamicCache, Served):
             call.decode_masks = wants_decode_masks(self.model, device_types)
             reserve_room(self.layers, ids.shape[1], max_new_tokens)
             sources: list[list[str]] = [[] for _ in rows]  # the tier of each hit block, per row
+            plans: list[dict] = []  # the cost model's decision, per row that lower tiers could extend
             for row, row_sources in zip(rows, sources):
                 row.hashes = self._identity.block_hashes(call.namespace, row.tokens, size)
                 # the last prompt token(s) are always computed; off the default nothing stored fits the call
@@ -224,6 +228,7 @@ class PrefixCache(DynamicCache, Served):
                 found = self.store.match(call.namespace, row.tokens, row.hashes, usable, self.extra_keys)
                 row.hits = found.blocks
                 row_sources.extend(found.sources)
+                plans.extend(plan.as_dict() for plan in found.plans)
             call.loaded = min(row.pad + len(row.hits) * size for row in rows)
             if call.loaded > 0:
                 place_prefix(self.layers, self.store, call)
@@ -231,6 +236,7 @@ class PrefixCache(DynamicCache, Served):
             self.release_if_mine()
             raise
         self._counters.record(rows, call.loaded, size, sources)
+        self.last_call.fetch = plans
         self.last_call.lookup_s = time.perf_counter() - started
         return self
 
@@ -246,6 +252,8 @@ class PrefixCache(DynamicCache, Served):
         self._ownership.check()
         call, stats = self._call, self.last_call
         started = time.perf_counter()
+        if call is not None and self.store is not None and self.store.tiers is not None:
+            call.timing.report(self.store.tiers.cost, call.loaded)
         try:
             if call is not None and self.store is not None and not call.rows_changed:
                 sequences, problem = as_sequences(sequences)
@@ -337,6 +345,8 @@ class PrefixCache(DynamicCache, Served):
         if layer_idx == 0:
             self._ownership.check()
             call = self._call
+            if call is not None:
+                call.timing.forward(key_states.shape[0] * key_states.shape[-2])
             if call is None and self.store is not None and inside_generate():
                 raise RuntimeError(unprepared(self.model))
             if call is not None and self._verified_call is not call:

@@ -29,6 +29,9 @@ class HitReport:
     matched_tokens: int
     block_size: int
     pieces: list[str] | None = field(default=None, repr=False)
+    # what the cost model took from the lower tiers and left to recompute, and why (None: the device pool
+    # alone served the lookup, or there are no tiers); see ``CallStats.fetch``
+    fetch: dict | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -53,6 +56,8 @@ class HitReport:
 
     def __str__(self) -> str:
         summary = f"reused {self.hit_tokens}/{len(self.tokens)} prompt tokens ({self.hit_rate:.0%})"
+        if self.fetch is not None:
+            summary += f"; lower tiers: fetched {self.fetch['fetch'] or 'nothing'} ({self.fetch['reason']})"
         if self.first_miss is None:
             return summary + "; every token matches stored text"
         context = self.text(max(0, self.first_miss - 8), self.first_miss)
@@ -108,7 +113,8 @@ def stored_prefix(
 
     Read-only: the references taken to look the chain up are released."""
     size = store.block_size
-    blocks = store.match(namespace, tokens, hashes, len(hashes), extra_keys).blocks
+    found = store.match(namespace, tokens, hashes, len(hashes), extra_keys)
+    blocks = found.blocks
     try:
         parent_ref = blocks[-1].ref if blocks else root_ref(namespace)
         with store.lock:
@@ -117,4 +123,5 @@ def stored_prefix(
         store.release(blocks)
     matched = len(blocks) * size + matched_length(children, tokens[len(blocks) * size :])
     hit = min(len(blocks), (len(tokens) - 1) // size) * size
-    return HitReport(tokens, hit, matched, size, pieces)
+    fetch = found.plans[0].as_dict() if found.plans else None
+    return HitReport(tokens, hit, matched, size, pieces, fetch)

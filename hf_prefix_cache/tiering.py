@@ -17,12 +17,16 @@ under an old identity.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
 from .block_pool import ascending
+from .cost_model import CostModel, FetchPlan, Segment, layout_costs
 from .hashing import BlockHash
 from .identity import root_of, tier_digest
 from .parallel import run_all
@@ -34,6 +38,8 @@ if TYPE_CHECKING:
     from .store import BlockStore
 
 logger = logging.getLogger(__name__)
+
+PIPELINE_BATCH = 16  # blocks per fetch batch: the next batch is read while this one is placed
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +63,8 @@ class TierStack:
         self.write_through = [tier for tier in self.tiers if tier is not self.host]
         self._origins: dict[int, _Origin] = {}
         self._namespaces: dict[tuple[str, tuple], bytes] = {}
+        self.cost = CostModel(*layout_costs(store.layouts))  # PrefixCache gives it the model's prior
+        self.batch_blocks = PIPELINE_BATCH
         store.pool.on_evict = self.evicting
 
     def namespace(self, namespace: str, extra_keys: tuple[Hashable, ...] = ()) -> bytes:
@@ -156,9 +164,14 @@ class TierStack:
         limit: int,
         extra_keys: tuple[Hashable, ...],
         sources: list[str] | None,
+        plans: list[FetchPlan] | None = None,
     ) -> list[Block]:
         """Continue ``chain`` (pool blocks the caller references) from the tiers up to ``limit`` blocks;
         returns the newly referenced blocks (promoted into the pool), stopping at the first block no tier has.
+
+        First each tier says how many blocks it holds (``_plan``); the cost model decides how many of them
+        to fetch (``plans`` receives its ``FetchPlan``); then a prefetch thread fetches and verifies batch
+        k+1 while this thread places batch k (``_stream_in``).
 
         Called WITHOUT the store's lock: the tier reads (a disk read, a Redis round trip) and the copy into
         the pool run unlocked, so other views keep using the store meanwhile; only the bookkeeping before
@@ -167,19 +180,6 @@ class TierStack:
         start = len(chain)
         if start >= limit:
             return []
-        try:
-            found = self._fetch(namespace, tokens, hashes, start, limit, extra_keys)
-        except Exception as error:
-            self.tiers[0].error("lookup", f"lookup failed ({error!r})")
-            return []
-        if not found:
-            return []
-        return self._place(
-            namespace, self.namespace(namespace, extra_keys), chain, found, extra_keys, sources
-        )
-
-    def _fetch(self, namespace, tokens, hashes, start, limit, extra_keys) -> list[tuple[BlockData, str]]:
-        """The blocks ``start:limit`` of the chain from the tiers, in order, each with its tier's name."""
         digest = self.namespace(namespace, extra_keys)
         root = root_of(namespace)
         size = self.store.block_size
@@ -187,20 +187,98 @@ class TierStack:
             BlockRequest(hashes[i], hashes[i - 1] if i else root, tuple(tokens[i * size : (i + 1) * size]))
             for i in range(start, limit)
         ]
-        found: list[tuple[BlockData, str]] = []
+        try:
+            segments = self._plan(digest, requests)
+        except Exception as error:
+            self.tiers[0].error("lookup", f"lookup failed ({error!r})")
+            return []
+        if not segments:
+            return []
+        blocks, plan = self.cost.choose(
+            start, len(tokens), [s for s, _ in segments], size, self.store.kv.block_bytes(), self.batch_blocks
+        )
+        if plans is not None:
+            plans.append(plan)
+        for segment, tier in segments:
+            below = segment.min_tokens is not None and segment.blocks * size < segment.min_tokens
+            if below and hasattr(tier.counters, "below_threshold"):
+                tier.count(below_threshold=1)
+        if blocks == 0:
+            return []
+        return self._stream_in(namespace, digest, chain, requests[:blocks], segments, extra_keys, sources)
+
+    def _plan(self, digest: bytes, requests: list[BlockRequest]) -> list[tuple[Segment, Tier]]:
+        """Which tier holds which run of ``requests``: each tier continues where the one above stops (its
+        lookup timed: the round trip the cost model charges per fetch)."""
+        segments: list[tuple[Segment, Tier]] = []
+        position = 0
         for tier in self.tiers:
-            if len(found) == len(requests):
+            if position == len(requests):
                 break
+            started = time.perf_counter()
             try:
-                got = tier.get(digest, requests[len(found) :])
+                count = tier.lookup(digest, requests[position:])
             except Exception as error:
                 tier.error("get", f"lookup failed ({error!r})")
-                got = []
-            for data, request in zip(got, requests[len(found) :]):
-                if not data.matches(request):
+                count = 0
+            self.cost.observe_lookup(tier.name, time.perf_counter() - started)
+            if count:
+                segment = Segment(tier.name, position, count, tier.cost_decided, tier.min_tokens)
+                segments.append((segment, tier))
+                position += count
+        return segments
+
+    def _stream_in(self, namespace, digest, chain, requests, segments, extra_keys, sources) -> list[Block]:
+        """Fetch ``requests`` from their tiers and place them, batch by batch: a prefetch thread reads and
+        verifies the next batch while this thread copies the current one into the pool. The chain stops
+        exactly at the first block that is missing, bad, or fails to place."""
+        feed = _Prefetch(
+            self._batches(digest, requests, segments), parallel=len(requests) > self.batch_blocks
+        )
+        promoted: list[Block] = []
+        spans: dict[str, list] = {}
+        started = time.perf_counter()
+        try:
+            for tier_name, found in feed:
+                placed = self._place(namespace, digest, chain, found, extra_keys, sources)
+                promoted.extend(placed)
+                now = time.perf_counter()
+                span = spans.setdefault(tier_name, [started, now, 0, 0])
+                span[1:] = [now, span[2] + len(placed), span[3] + 1]
+                started = now
+                if len(placed) < len(found):
                     break
-                found.append((data, tier.name))
-        return found
+        finally:
+            feed.close()
+        block_bytes = self.store.kv.block_bytes()
+        for tier_name, (begin, end, count, batches) in spans.items():
+            self.cost.observe_transfer(tier_name, count * block_bytes, end - begin, batches)
+        return promoted
+
+    def _batches(self, digest, requests, segments):
+        """(tier name, verified blocks) per batch, in chain order, ending at the first block not served."""
+        for segment, tier in segments:
+            if segment.start >= len(requests):
+                return
+            wanted = requests[segment.start : segment.start + segment.blocks]
+            served = 0
+            try:
+                for blocks in tier.stream(digest, wanted[served:], self.batch_blocks):
+                    found = []
+                    for data in blocks:
+                        if served >= len(wanted) or not data.matches(wanted[served]):
+                            break
+                        found.append((data, tier.name))
+                        served += 1
+                    if found:
+                        yield tier.name, found
+                    if len(found) < len(blocks):
+                        return
+            except Exception as error:
+                tier.error("get", f"lookup failed ({error!r})")
+                return
+            if served < len(wanted):
+                return
 
     def _place(self, namespace, digest, chain, found, extra_keys, sources) -> list[Block]:
         """Admit ``found`` into the pool as new blocks are admitted: reserve blocks (locked), copy the K/V
@@ -212,9 +290,11 @@ class TierStack:
             return []
         try:
             self._copy_in(taken)
-        except Exception as error:
+        except BaseException as error:  # an interrupt too: the reserved blocks are nobody else's
             with self.store.lock:
                 self.store.pool.release([block for block, _, _ in taken])
+            if not isinstance(error, Exception):
+                raise
             self.tiers[0].error("promote", f"could not copy blocks into the pool ({error!r})")
             return []
         with self.store.lock:
@@ -313,3 +393,54 @@ class TierStack:
     @property
     def errors(self) -> int:
         return sum(tier.counters.errors for tier in self.tiers)
+
+
+class _Prefetch:
+    """Runs a generator of batches one step ahead on a thread of its own (when ``parallel``), so its
+    reads overlap the consumer's placement. ``close`` stops it and waits for it: nothing it produced is
+    referenced by the pool, so stopping early leaks nothing."""
+
+    _END = object()
+
+    def __init__(self, batches, parallel: bool):
+        self._batches = batches
+        self._thread = None
+        if parallel:
+            self._queue: queue.Queue = queue.Queue(maxsize=1)
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._run, name="hf_prefix_cache-prefetch", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for item in self._batches:
+                if not self._put(item):
+                    return
+        except BaseException as error:  # the generator reports tier errors itself; anything else ends it
+            logger.debug("prefetch ended by %r", error)
+        finally:
+            self._batches.close()
+            self._put(self._END)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        if self._thread is None:
+            yield from self._batches
+            return
+        while (item := self._queue.get()) is not self._END:
+            yield item
+
+    def close(self) -> None:
+        if self._thread is None:
+            self._batches.close()
+            return
+        self._stop.set()
+        self._thread.join()

@@ -476,16 +476,17 @@ def fetch_gives_up_when_host_has_all() -> None:
     """A chain the first tier holds whole ends the lookup with nothing (the loop returns instead of stopping)."""
     from hf_prefix_cache.tiering import TierStack
 
-    fetch = TierStack._fetch
+    plan = TierStack._plan
 
-    def giving_up(self, namespace, tokens, hashes, start, limit, extra_keys):
-        found = fetch(self, namespace, tokens, hashes, start, limit, extra_keys)
+    def giving_up(self, digest, requests):
+        segments = plan(self, digest, requests)
         first = self.tiers[0].name
-        if len(self.tiers) > 1 and found and len(found) == limit - start and {n for _, n in found} == {first}:
-            return None
-        return found
+        whole = len(segments) == 1 and segments[0][0].blocks == len(requests)
+        if len(self.tiers) > 1 and whole and segments[0][0].tier == first:
+            return []
+        return segments
 
-    TierStack._fetch = giving_up
+    TierStack._plan = giving_up
 
 
 @mutant(
