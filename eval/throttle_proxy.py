@@ -102,7 +102,9 @@ async def _serve(target: tuple[str, int], link: Link, ready) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--target", required=True, help="host:port to forward to")
     parser.add_argument("--rate", type=float, required=True, help="bytes/s per direction")
     parser.add_argument("--latency", type=float, default=0.0, help="one-way delay in seconds")

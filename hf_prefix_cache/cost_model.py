@@ -35,7 +35,8 @@ PRIOR_TIERS = {  # (round trip s, bandwidth bytes/s) until measured
     "remote": (5e-4, 5e8),
 }
 DEFAULT_TIER = (1e-3, 1e8)
-DECAY = 0.8  # weight of the earlier measurements in each update
+DECAY = 0.8  # weight of the earlier prefill timings in each update
+LINK_DECAY = 0.5  # and of a tier's: a link's speed changes, and two fetches should be enough to notice
 PROBE_SHARE = 0.02  # the most of a call's estimated cost a probe of a skipped tier may take
 
 
@@ -79,20 +80,23 @@ class TierRate:
 
     def __init__(self, name: str):
         self.rtt_s, self.bytes_per_s = PRIOR_TIERS.get(name, DEFAULT_TIER)
-        self.measured = False
+        self.measured = self.looked_up = False
 
     def seconds(self, nbytes: int, batches: int) -> float:
         return self.rtt_s * (1 + batches) + nbytes / self.bytes_per_s
 
     def observe_lookup(self, seconds: float) -> None:
-        self.rtt_s = seconds if not self.measured else DECAY * self.rtt_s + (1 - DECAY) * seconds
+        self.rtt_s = seconds if not self.looked_up else LINK_DECAY * self.rtt_s + (1 - LINK_DECAY) * seconds
+        self.looked_up = True
 
     def observe_transfer(self, nbytes: int, seconds: float, batches: int) -> None:
+        """Average seconds per byte (not bytes per second: one slow fetch must weigh as much as it cost)."""
         if nbytes <= 0 or seconds <= 0:
             return
-        moving = max(seconds - self.rtt_s * batches, seconds * 0.1, 1e-6)
-        rate = nbytes / moving
-        self.bytes_per_s = rate if not self.measured else DECAY * self.bytes_per_s + (1 - DECAY) * rate
+        per_byte = max(seconds - self.rtt_s * batches, seconds * 0.1, 1e-9) / nbytes
+        if self.measured:
+            per_byte = LINK_DECAY / self.bytes_per_s + (1 - LINK_DECAY) * per_byte
+        self.bytes_per_s = 1.0 / per_byte
         self.measured = True
 
 

@@ -232,15 +232,20 @@ class TierStack:
         """Fetch ``requests`` from their tiers and place them, batch by batch: a prefetch thread reads and
         verifies the next batch while this thread copies the current one into the pool. The chain stops
         exactly at the first block that is missing, bad, or fails to place."""
+        with self.store.lock:  # the whole run at once: consecutive ids, read back as one view per layer
+            reserved = self._reserve_for(requests)
+        requests = requests[: len(reserved)]
         feed = _Prefetch(
             self._batches(digest, requests, segments), parallel=len(requests) > self.batch_blocks
         )
         promoted: list[Block] = []
         spans: dict[str, list] = {}
+        used = 0
         started = time.perf_counter()
         try:
             for tier_name, found in feed:
-                placed = self._place(namespace, digest, chain, found, extra_keys, sources)
+                blocks, used = reserved[used : used + len(found)], used + len(found)  # now _place's to free
+                placed = self._place(namespace, digest, chain, found, extra_keys, sources, blocks)
                 promoted.extend(placed)
                 now = time.perf_counter()
                 span = spans.setdefault(tier_name, [started, now, 0, 0])
@@ -250,10 +255,29 @@ class TierStack:
                     break
         finally:
             feed.close()
+            with self.store.lock:
+                self.store.pool.release(reserved[used:])  # reserved for blocks that never came
         block_bytes = self.store.kv.block_bytes()
         for tier_name, (begin, end, count, batches) in spans.items():
             self.cost.observe_transfer(tier_name, count * block_bytes, end - begin, batches)
         return promoted
+
+    def _reserve_for(self, requests: list[BlockRequest]) -> list[Block]:
+        """Referenced empty pool blocks for ``requests``, in ascending id order (see ``BlockStore._extend``);
+        fewer when the pool is full of referenced blocks or a block in use has a requested hash."""
+        pool = self.store.pool
+        taken: list[Block] = []
+        for request in requests:
+            occupant = pool.table.get(request.block_hash)
+            if occupant is not None and occupant.ref_count > 0:
+                break  # a colliding block in use: stop rather than overwrite it
+            block = pool.allocate()
+            if block is None:
+                break  # every block is referenced: a shorter hit
+            taken.append(block)
+        ordered = ascending(taken)
+        self.store.kv.mark_written([block.block_id for block in ordered])  # the copies then only read marks
+        return ordered
 
     def _batches(self, digest, requests, segments):
         """(tier name, verified blocks) per batch, in chain order, ending at the first block not served."""
@@ -280,12 +304,11 @@ class TierStack:
             if served < len(wanted):
                 return
 
-    def _place(self, namespace, digest, chain, found, extra_keys, sources) -> list[Block]:
-        """Admit ``found`` into the pool as new blocks are admitted: reserve blocks (locked), copy the K/V
-        in (unlocked: the reserved blocks are referenced by this call alone and not published yet), then
-        publish them (locked), appending each to ``chain``."""
-        with self.store.lock:
-            taken = self._reserve(found)
+    def _place(self, namespace, digest, chain, found, extra_keys, sources, reserved) -> list[Block]:
+        """Admit ``found`` into the pool as new blocks are admitted: copy the K/V into the ``reserved``
+        blocks (unlocked: they are referenced by this call alone and not published yet; from here on
+        this method frees them on failure), then publish them (locked), appending each to ``chain``."""
+        taken = [(block, data, name) for block, (data, name) in zip(reserved, found)]
         if not taken:
             return []
         try:
@@ -299,23 +322,6 @@ class TierStack:
             return []
         with self.store.lock:
             return self._publish_promoted(namespace, digest, chain, taken, extra_keys, sources)
-
-    def _reserve(self, found) -> list[tuple[Block, BlockData, str]]:
-        """Referenced empty pool blocks for ``found``, in ascending id order along the chain (see
-        ``BlockStore._extend``); fewer when the pool is full of referenced blocks or a block in use collides."""
-        pool = self.store.pool
-        taken: list[tuple[Block, BlockData, str]] = []
-        for data, tier_name in found:
-            occupant = pool.table.get(data.block_hash)
-            if occupant is not None and occupant.ref_count > 0:
-                break  # a colliding block in use: stop rather than overwrite it
-            block = pool.allocate()
-            if block is None:
-                break  # every block is referenced: a shorter hit
-            taken.append((block, data, tier_name))
-        ordered = ascending([block for block, _, _ in taken])
-        self.store.kv.mark_written([block.block_id for block in ordered])  # the copies then only read marks
-        return [(block, data, name) for block, (_, data, name) in zip(ordered, taken)]
 
     def _copy_in(self, taken: list[tuple[Block, BlockData, str]]) -> None:
         kv = self.store.kv

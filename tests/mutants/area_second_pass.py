@@ -311,8 +311,8 @@ def promoted_root_keys() -> None:
 
     place = TierStack._place
 
-    def forgetting_parents(self, namespace, digest, chain, found, extra_keys, sources):
-        promoted = place(self, namespace, digest, chain, found, extra_keys, sources)
+    def forgetting_parents(self, namespace, digest, chain, found, extra_keys, sources, *reserved):
+        promoted = place(self, namespace, digest, chain, found, extra_keys, sources, *reserved)
         for block in promoted:
             block.key = (("root", namespace), block.key[1], block.key[2])
         return promoted
@@ -331,8 +331,8 @@ def promoted_no_origin() -> None:
 
     place = TierStack._place
 
-    def without_origin(self, namespace, digest, chain, found, extra_keys, sources):
-        promoted = place(self, namespace, digest, chain, found, extra_keys, sources)
+    def without_origin(self, namespace, digest, chain, found, extra_keys, sources, *reserved):
+        promoted = place(self, namespace, digest, chain, found, extra_keys, sources, *reserved)
         for block in promoted:
             self._origins.pop(block.block_id, None)
         return promoted
@@ -498,15 +498,15 @@ def promotion_cut_short_leaks() -> None:
     """A promotion cut short by a full pool keeps a reference to the blocks it took."""
     from hf_prefix_cache.tiering import TierStack
 
-    place = TierStack._place
+    reserve_for = TierStack._reserve_for
 
-    def leaking(self, namespace, digest, chain, found, extra_keys, sources):
-        promoted = place(self, namespace, digest, chain, found, extra_keys, sources)
-        if promoted and len(promoted) < len(found):
-            self.store.pool.touch(promoted[0])
-        return promoted
+    def leaking(self, requests):
+        taken = reserve_for(self, requests)
+        if taken and len(taken) < len(requests):
+            self.store.pool.touch(taken[0])
+        return taken
 
-    TierStack._place = leaking
+    TierStack._reserve_for = leaking
 
 
 @mutant(
