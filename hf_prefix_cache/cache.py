@@ -149,6 +149,10 @@ class PrefixCache(DynamicCache, Served):
         Cache.__init__(self, layers=layers)
         self._identity = Identity(model, self.cache_salt, self.extra_keys)
         self._dtypes_and_devices = self._identity.watch.dtypes_and_devices()
+        if self.store is not None and self.store.tiers is not None:
+            # hash the weights now, beside the probe forward tiers already run here: a restarted process
+            # is warm from the tiers on its first call, which should not also pay for the fingerprint
+            self._identity.namespace  # noqa: B018
         self._call: CallState | None = None
         self._counters = Counters(self.store)
         if install:
