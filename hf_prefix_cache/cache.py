@@ -77,8 +77,9 @@ class PrefixCache(DynamicCache, Served):
         disk_size: the most the disk folder may hold (least recently used entries go first).
         remote: a Redis/Valkey URL ("redis://host:6379/0", "rediss://user:password@host", "unix:///path")
             for a tier that processes and hosts share; needs ``pip install hf_prefix_cache[redis]``.
-        remote_min_tokens: fetch from the server only when it holds at least this many more tokens
-            of the prompt (default 32): a short remote hit costs more than recomputing it.
+        remote_min_tokens: a fixed rule instead of the cost model: fetch from the server exactly when it
+            holds at least this many more tokens of the prompt. Default: the cost model decides per call
+            from measured prefill time and link speed (``cost_model.py``; ``last_call.fetch`` says why).
         key_prefix: starts every key on the server ("hfpc"); deployments sharing one server differ here.
         remote_ttl: seconds a block stays on the server after it was last stored (default: until the
             server's ``maxmemory`` policy evicts it).
