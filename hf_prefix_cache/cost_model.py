@@ -3,14 +3,16 @@ costs this process measured: the model's prefill time and each tier's round trip
 
 - **Prefill** of ``n`` tokens after ``a`` cached ones costs ``c + s * F(a, n)``, where ``F`` counts the
   FLOPs (``2 x parameters`` per token plus attention, ``4 x layers x hidden`` per token and context
-  position) and ``c`` (a forward's fixed cost) and ``s`` (seconds per FLOP) are fitted by decayed least
-  squares to the calls' own timings (``observe_prefill``).
+  position) and ``c`` (a forward's fixed cost: reading the weights) and ``s`` (seconds per FLOP) are
+  fitted by least squares to the calls' own timings, grouped by size (``observe_prefill``).
 - **A tier** fetch of ``b`` bytes in ``k`` batches costs ``rtt * (1 + k) + b / bandwidth``: ``rtt`` is
   the time of the tier's lookup (one round trip for a server), ``bandwidth`` what its fetches achieved,
   verification and the copy into the pool included (``observe_lookup``, ``observe_transfer``).
 - **Cold start**: until a call was timed, ``s`` is one over a prior device speed (``PRIOR_FLOPS``:
-  100 GFLOP/s on CPU, 100 TFLOP/s on CUDA) and each tier has a prior round trip and bandwidth
-  (``PRIOR_TIERS``: a server 0.5 ms and 0.5 GB/s); the first measurement replaces a prior.
+  100 GFLOP/s on CPU, 100 TFLOP/s on CUDA), ``c`` the weights' bytes over a prior memory bandwidth
+  (``PRIOR_MEMORY_BW``: 20 GB/s on CPU, 2 TB/s on CUDA), and each tier has a prior round trip and
+  bandwidth (``PRIOR_TIERS``: a server 0.5 ms and 0.5 GB/s). Calls of one size fit ``c`` with ``s``
+  kept at the prior; a second size fits both; a tier's first measurement replaces its prior.
 - **Decision**: a stored chain continues device -> host -> disk -> remote, and only a prefix of it can
   be used, so the candidates are the cuts between tier segments. Recomputing a later token costs more
   (its attention spans more context) while every fetched block costs the same, so within one tier's
@@ -29,14 +31,20 @@ from dataclasses import dataclass, field
 
 PRIOR_FLOPS = {"cpu": 100e9, "cuda": 100e12, "mps": 5e12, "xpu": 50e12}  # effective FLOP/s of a device
 DEFAULT_FLOPS = 1e12
+PRIOR_MEMORY_BW = {
+    "cpu": 20e9,
+    "cuda": 2e12,
+    "mps": 200e9,
+    "xpu": 1e12,
+}  # bytes/s: a forward reads the weights
+DEFAULT_MEMORY_BW = 100e9
 PRIOR_TIERS = {  # (round trip s, bandwidth bytes/s) until measured
     "host": (0.0, 5e9),
     "disk": (1e-4, 1e9),
     "remote": (5e-4, 5e8),
 }
 DEFAULT_TIER = (1e-3, 1e8)
-DECAY = 0.8  # weight of the earlier prefill timings in each update
-LINK_DECAY = 0.5  # and of a tier's: a link's speed changes, and two fetches should be enough to notice
+LINK_DECAY = 0.5  # weight of a tier's earlier measurements: two fetches should notice a changed link
 PROBE_SHARE = 0.02  # the most of a call's estimated cost a probe of a skipped tier may take
 
 
@@ -101,14 +109,18 @@ class TierRate:
 
 
 class PrefillModel:
-    """Prefill seconds ``c + s * F(a, n)``, fitted to timed calls (decayed least squares)."""
+    """Prefill seconds ``c + s * F(a, n)``, fitted to timed calls grouped by size (a power of two of the
+    tokens computed; each group an average with weight 0.5 for the newest call), so that many short
+    calls do not erase what one long prefill showed. With calls of one size only, ``s`` stays the prior
+    and ``c`` absorbs the rest: a short forward is bound by reading the weights, not by FLOPs."""
 
-    def __init__(self, flops_per_token: float, attention_flops: float, device_type: str):
+    def __init__(self, flops_per_token: float, attention_flops: float, device_type: str, weight_bytes=0.0):
         self.flops_per_token = flops_per_token
         self.attention_flops = attention_flops  # per token and context position
         self.prior_s = 1.0 / PRIOR_FLOPS.get(device_type, DEFAULT_FLOPS)
-        self.fixed_s, self.per_flop_s = 0.0, self.prior_s
-        self._sums = [0.0] * 5  # weight, sum F, sum F^2, sum t, sum F t
+        self.prior_fixed_s = weight_bytes / PRIOR_MEMORY_BW.get(device_type, DEFAULT_MEMORY_BW)
+        self.fixed_s, self.per_flop_s = self.prior_fixed_s, self.prior_s
+        self._groups: dict[int, list[float]] = {}  # log2(tokens) -> [mean F, mean seconds]
         self.observations = 0
 
     def flops(self, start: int, tokens: int) -> float:
@@ -121,24 +133,45 @@ class PrefillModel:
         if tokens <= 0 or seconds <= 0:
             return
         f = self.flops(start, tokens)
-        w, sf, sff, st, sft = (x * DECAY for x in self._sums)
-        self._sums = [w + 1, sf + f, sff + f * f, st + seconds, sft + f * seconds]
+        group = self._groups.get(tokens.bit_length())
+        if group is None:
+            self._groups[tokens.bit_length()] = [f, seconds]
+        else:
+            group[0], group[1] = (group[0] + f) / 2, (group[1] + seconds) / 2
         self.observations += 1
-        w, sf, sff, st, sft = self._sums
-        spread = w * sff - sf * sf
-        slope = (w * sft - sf * st) / spread if spread > 1e-9 * w * sff else 0.0
-        intercept = (st - slope * sf) / w
-        if slope > 0 and intercept >= 0:
-            self.fixed_s, self.per_flop_s = intercept, slope
-        else:  # one size of call so far (or noise): a rate through the origin
-            self.fixed_s, self.per_flop_s = 0.0, st / sf
+        self._fit()
+
+    def _fit(self) -> None:
+        points = list(self._groups.values())
+        if len(points) == 1:
+            f, t = points[0]
+            self.per_flop_s = self.prior_s if t > self.prior_s * f else t / f
+            self.fixed_s = t - self.per_flop_s * f
+            return
+        n = len(points)
+        sf, st = sum(f for f, _ in points), sum(t for _, t in points)
+        sff, sft = sum(f * f for f, _ in points), sum(f * t for f, t in points)
+        spread = n * sff - sf * sf
+        slope = (n * sft - sf * st) / spread if spread > 0 else 0.0
+        intercept = (st - slope * sf) / n
+        if slope <= 0:  # noise: one rate through the origin
+            slope, intercept = st / sf, 0.0
+        elif intercept < 0:
+            slope, intercept = sft / sff, 0.0
+        self.fixed_s, self.per_flop_s = intercept, slope
 
 
 class CostModel:
     """The measured costs of one store (one model on one device) and its tiers; thread-safe."""
 
-    def __init__(self, flops_per_token: float, attention_flops: float, device_type: str = "cpu"):
-        self.prefill = PrefillModel(flops_per_token, attention_flops, device_type)
+    def __init__(
+        self,
+        flops_per_token: float,
+        attention_flops: float,
+        device_type: str = "cpu",
+        weight_bytes: float = 0.0,
+    ):
+        self.prefill = PrefillModel(flops_per_token, attention_flops, device_type, weight_bytes)
         self.tiers: dict[str, TierRate] = {}
         self._lock = threading.Lock()
 
@@ -146,11 +179,13 @@ class CostModel:
         with self._lock:
             return self.tiers.setdefault(tier, TierRate(tier))
 
-    def set_model(self, flops_per_token: float, attention_flops: float, device_type: str) -> None:
+    def set_model(
+        self, flops_per_token: float, attention_flops: float, device_type: str, weight_bytes: float = 0.0
+    ) -> None:
         """The prior of a real model (``PrefixCache`` knows its parameters and device); keeps timings."""
         with self._lock:
             if self.prefill.observations == 0:
-                self.prefill = PrefillModel(flops_per_token, attention_flops, device_type)
+                self.prefill = PrefillModel(flops_per_token, attention_flops, device_type, weight_bytes)
 
     def observe_prefill(self, start: int, tokens: int, seconds: float) -> None:
         with self._lock:
@@ -253,15 +288,17 @@ class CostModel:
         return text
 
 
-def model_costs(model) -> tuple[float, float, str]:
-    """(FLOPs per token, attention FLOPs per token and context position, device type) of ``model``."""
+def model_costs(model) -> tuple[float, float, str, float]:
+    """(FLOPs per token, attention FLOPs per token and context position, device type, weight bytes) of
+    ``model``."""
     params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     config = model.config.get_text_config(decoder=True)
     layers = getattr(config, "num_hidden_layers", 1) or 1
     heads = getattr(config, "num_attention_heads", 1) or 1
     head_dim = getattr(config, "head_dim", None) or getattr(config, "hidden_size", 64) // heads
     device = next(model.parameters()).device.type
-    return 2.0 * params, 4.0 * layers * heads * head_dim, device
+    return 2.0 * params, 4.0 * layers * heads * head_dim, device, float(weight_bytes)
 
 
 def layout_costs(layouts) -> tuple[float, float, str]:

@@ -144,7 +144,8 @@ CHAIN = 125  # 2000 tokens
 
 def measured(prefill_s_per_token: float, link_bytes_per_s: float, rtt_s: float = 1e-3) -> CostModel:
     model = CostModel(flops_per_token=1e6, attention_flops=0.0)
-    model.observe_prefill(0, 1000, 1000 * prefill_s_per_token)
+    for tokens in (1000, 100):  # two sizes: a rate and no fixed cost
+        model.observe_prefill(0, tokens, tokens * prefill_s_per_token)
     model.observe_lookup("remote", rtt_s)
     model.observe_transfer("remote", 64 * MiB, 64 * MiB / link_bytes_per_s + rtt_s, 1)
     return model
@@ -202,6 +203,17 @@ def test_the_prefill_model_learns_a_fixed_cost_and_a_rate():
     assert model.seconds(0, 500) == pytest.approx(0.005 + 0.05, rel=1e-6)
 
 
+def test_calls_of_one_size_fit_the_fixed_cost_and_keep_the_prior_rate():
+    """Short forwards are bound by reading the weights: many of them must not make a long prefill look
+    as slow per token as they are."""
+    model = PrefillModel(flops_per_token=1e9, attention_flops=0.0, device_type="cpu", weight_bytes=2e9)
+    assert model.seconds(0, 0) == pytest.approx(0.1)  # 2 GB of weights at the prior 20 GB/s
+    for _ in range(20):
+        model.observe(2000, 32, 0.5)  # 0.32 s of FLOPs at the prior rate: the rest is fixed cost
+    assert model.per_flop_s == pytest.approx(1 / 100e9) and model.fixed_s == pytest.approx(0.18)
+    assert model.seconds(0, 2032) == pytest.approx(0.18 + 20.32)  # not 2032 / 32 x 0.5 = 31.75 s
+
+
 # -- integration: a tier measured slow is recomputed -----------------------------------------------------
 class SlowDisk(DiskTier):
     """A disk tier behind a slow link: every batch takes ``delay`` seconds, and the cost model decides."""
@@ -224,11 +236,14 @@ def test_a_tier_measured_slower_than_prefill_is_recomputed(tmp_path):
     prompt = random_ids(PREFIX + 5, 5)
     run(model, cache, prompt, max_new_tokens=1)  # stored, and the prefill timed
     assert cache.flush(30)
+    # a tiny model recomputes 50 tokens faster than any tier answers: measured as if it took 1 ms a token
+    for tokens in (100, 1000):
+        tiers.cost.observe_prefill(0, tokens, tokens * 1e-3)
 
     tiers.spill_device()
     first = warm_prompt(prompt, 6)
     assert_same_output(greedy(model, first), run(model, cache, first))
-    assert cache.last_call.hit_tokens_by_tier == {"disk": PREFIX}  # the prior: a disk is fast; now measured
+    assert cache.last_call.hit_tokens_by_tier == {"disk": PREFIX}  # the prior says a disk is fast
     assert cache.last_call.fetch[0]["fetch"] == {"disk": PREFIX}
 
     tiers.spill_device()
