@@ -231,6 +231,8 @@ class RemoteTier(Tier):
             # (forgetting only the first would leave the chain broken at the next one for one more round)
             for request in requests[leading:]:
                 self._forget(namespace, request.block_hash)
+        for request in requests[:leading]:  # held there: a call that recomputes them need not send them
+            self._remember(namespace, request.block_hash)
         return leading
 
     def get(self, namespace: bytes, requests: Sequence[BlockRequest]) -> list[BlockData]:
