@@ -44,6 +44,7 @@ PRIOR_TIERS = {  # (round trip s, bandwidth bytes/s) until measured
     "remote": (5e-4, 5e8),
 }
 DEFAULT_TIER = (1e-3, 1e8)
+SPAN = 8.0  # the prefill fit takes a rate from calls only when their FLOPs span this factor
 LINK_DECAY = 0.5  # weight of a tier's earlier measurements: two fetches should notice a changed link
 PROBE_SHARE = 0.02  # the most of a call's estimated cost a probe of a skipped tier may take
 
@@ -143,6 +144,9 @@ class PrefillModel:
 
     def _fit(self) -> None:
         points = list(self._groups.values())
+        if max(f for f, _ in points) < SPAN * min(f for f, _ in points):
+            # sizes too close to tell a rate from noise (16 and 32 new tokens, say): one point, their mean
+            points = [[sum(f for f, _ in points) / len(points), sum(t for _, t in points) / len(points)]]
         if len(points) == 1:
             f, t = points[0]
             self.per_flop_s = self.prior_s if t > self.prior_s * f else t / f

@@ -144,7 +144,7 @@ CHAIN = 125  # 2000 tokens
 
 def measured(prefill_s_per_token: float, link_bytes_per_s: float, rtt_s: float = 1e-3) -> CostModel:
     model = CostModel(flops_per_token=1e6, attention_flops=0.0)
-    for tokens in (1000, 100):  # two sizes: a rate and no fixed cost
+    for tokens in (1000, 100):  # two sizes far apart: a rate and no fixed cost
         model.observe_prefill(0, tokens, tokens * prefill_s_per_token)
     model.observe_lookup("remote", rtt_s)
     model.observe_transfer("remote", 64 * MiB, 64 * MiB / link_bytes_per_s + rtt_s, 1)
@@ -212,6 +212,8 @@ def test_calls_of_one_size_fit_the_fixed_cost_and_keep_the_prior_rate():
         model.observe(2000, 32, 0.5)  # 0.32 s of FLOPs at the prior rate: the rest is fixed cost
     assert model.per_flop_s == pytest.approx(1 / 100e9) and model.fixed_s == pytest.approx(0.18)
     assert model.seconds(0, 2032) == pytest.approx(0.18 + 20.32)  # not 2032 / 32 x 0.5 = 31.75 s
+    model.observe(2016, 16, 0.45)  # a size close by, noisy: no rate from two points this close
+    assert model.per_flop_s == pytest.approx(1 / 100e9)
 
 
 # -- integration: a tier measured slow is recomputed -----------------------------------------------------
