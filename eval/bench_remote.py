@@ -7,11 +7,13 @@ side mean anything on a shared machine).
 2. A filler subprocess loads SmolLM2, runs the ~2000-token prefix through a ``PrefixCache(remote=url)``
    and exits (its queued writes are flushed at exit).
 3. This process loads the model and, per repetition (each with a new 32-token suffix), times
-   ``generate(max_new_tokens=1)``: ``no_cache``, and ``remote_warm`` with a brand-new ``PrefixCache``
-   (empty device pool: every hit comes from the server; making it is not timed).
+   ``generate(max_new_tokens=1)``: ``no_cache``, ``device_warm`` (the prefix in a device pool, as in
+   ``bench_tiers``), and ``remote_warm`` with a brand-new ``PrefixCache`` (empty device pool: every hit
+   comes from the server; making it is not timed).
 
-Prints the TTFT ratio (target >= 8x), the bytes per block on the server and the achieved Redis read
-throughput (bytes fetched / seconds in MGET, decode excluded). Run:
+Prints the TTFT ratios (no cache / remote warm, target >= 8x; remote warm / device warm, target
+<= 1.3x), the bytes per block on the server and the achieved Redis read throughput (bytes fetched /
+seconds in MGET, decode excluded). Run:
 ``python -m hf_prefix_cache_eval.bench_remote --prefix-tokens 2000 --new-tokens 32``.
 ``--cluster`` instead compares remote-warm on a local 3-master Redis Cluster with remote-warm on one
 server, interleaved (``bench_cluster.py``).
@@ -40,7 +42,8 @@ from .bench_common import add_prompt_options, finish, print_modes, prompts_for, 
 from .models import load_model
 
 TARGET = 8.0
-MODES = ("no_cache", "remote_warm")
+DEVICE_TARGET = 1.3  # remote_warm / device_warm (issue 24)
+MODES = ("no_cache", "device_warm", "remote_warm")
 
 
 @contextmanager
@@ -122,7 +125,13 @@ def run_benchmark(url: str, prefix_tokens: int, new_tokens: int, repeats: int, s
         caches.clear()  # the previous pool is freed first
         caches.append(PrefixCache(model, max_memory="256MiB", remote=url))
 
-    calls = {"no_cache": generate, "remote_warm": remote_warm}
+    device = PrefixCache(model, max_memory="1GiB")
+    calls = {
+        "no_cache": generate,
+        "device_warm": lambda ids: generate(ids, **{CACHE_KWARG: device}),
+        "remote_warm": remote_warm,
+    }
+    calls["device_warm"](prompts[0])  # stores the prefix in the device pool
     fresh_cache()
     reference = generate(prompts[0])
     mismatches = ["remote_warm"] if not torch.equal(remote_warm(prompts[0]), reference) else []
@@ -148,8 +157,9 @@ def run_benchmark(url: str, prefix_tokens: int, new_tokens: int, repeats: int, s
                 fetched += remote["bytes_read"]
                 fetch_s += remote["read_s"]
                 blocks += remote["hits"]
-        if not torch.equal(outputs["remote_warm"], outputs["no_cache"]) and not mismatches:
-            mismatches.append("remote_warm")
+        for mode in ("device_warm", "remote_warm"):
+            if not torch.equal(outputs[mode], outputs["no_cache"]) and mode not in mismatches:
+                mismatches.append(mode)
     median = {mode: statistics.median(values) for mode, values in times.items()}
     return {
         "prompt_tokens": prefix_tokens + new_tokens,
@@ -158,6 +168,7 @@ def run_benchmark(url: str, prefix_tokens: int, new_tokens: int, repeats: int, s
         "median_seconds": median,
         "seconds": times,
         "ratio": median["no_cache"] / median["remote_warm"],
+        "remote_over_device": median["remote_warm"] / median["device_warm"],
         "bytes_per_block": fetched / blocks if blocks else 0,
         "read_bytes_per_s": fetched / fetch_s if fetch_s else 0.0,
         "fetch_s_per_call": fetch_s / len(hits) if hits else 0.0,
@@ -201,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"remote_warm hit tokens by tier per repetition: {result['remote_warm_hits_by_tier']}")
     print_modes(result, MODES, 11)
     print(f"  no_cache / remote_warm {result['ratio']:7.2f}{verdict(result['ratio'], ('>=', TARGET))}")
+    over = result["remote_over_device"]
+    print(f"  remote_warm / device_warm {over:7.3f}{verdict(over, ('<=', DEVICE_TARGET))}")
     print(
         f"  bytes per block {result['bytes_per_block'] / 1024:.0f} KiB; Redis read throughput "
         f"{result['read_bytes_per_s'] / MiB:.0f} MiB/s ({result['fetch_s_per_call'] * 1000:.0f} ms of "

@@ -32,6 +32,7 @@ from .call import (
     unprepared,
 )
 from .construction import StoreConfig, TierConfig, build_store, model_layouts, prefix_layers
+from .cost_model import model_costs
 from .decode_masks import long_enough, wants_decode_masks
 from .explain import HitReport, stored_prefix
 from .generation import Served
@@ -79,8 +80,9 @@ class PrefixCache(DynamicCache, Served):
         remote: a Redis/Valkey URL ("redis://host:6379/0", "rediss://user:password@host", "unix:///path")
             or a cluster's ("redis+cluster://host:7000,host:7001,host:7002", "rediss+cluster://...")
             for a tier that processes and hosts share; needs ``pip install hf_prefix_cache[redis]``.
-        remote_min_tokens: fetch from the server only when it holds at least this many more tokens
-            of the prompt (default 32): a short remote hit costs more than recomputing it.
+        remote_min_tokens: a fixed rule instead of the cost model: fetch from the server exactly when it
+            holds at least this many more tokens of the prompt. Default: the cost model decides per call
+            from measured prefill time and link speed (``cost_model.py``; ``last_call.fetch`` says why).
         key_prefix: starts every key on the server ("hfpc"); deployments sharing one server differ here.
         remote_ttl: seconds a block stays on the server after it was last stored (default: until the
             server's ``maxmemory`` policy evicts it).
@@ -158,6 +160,8 @@ class PrefixCache(DynamicCache, Served):
                 layers = prefix_layers(layouts)
                 if max_pinned is not None:
                     self.store.pins.max_bytes = parse_bytes(max_pinned, "max_pinned")
+                if self.store.tiers is not None:  # the cost model's prior: this model's FLOPs, its device
+                    self.store.tiers.cost.set_model(*model_costs(model))
         if layers is None:
             layers = DynamicCache(config=model.config.get_text_config(decoder=True)).layers
             self.warn_once(REUSE_OFF.format(self.fallback))
@@ -166,6 +170,10 @@ class PrefixCache(DynamicCache, Served):
         self._first_kv_layer = next((i for i, x in enumerate(layers) if getattr(x, "holds_kv", True)), 0)
         self._identity = Identity(model, self.cache_salt, self.extra_keys)
         self._dtypes_and_devices = self._identity.watch.dtypes_and_devices()
+        if self.store is not None and self.store.tiers is not None:
+            # hash the weights now, beside the probe forward tiers already run here: a restarted process
+            # is warm from the tiers on its first call, which should not also pay for the fingerprint
+            self._identity.namespace  # noqa: B018
         self._call: CallState | None = None
         self._counters = Counters(self.store)
         if install:
@@ -241,6 +249,7 @@ class PrefixCache(DynamicCache, Served):
             call.decode_masks = wants_decode_masks(self.model, device_types)
             reserve_room(self.layers, ids.shape[1], max_new_tokens)
             sources: list[list[str]] = [[] for _ in rows]  # the tier of each hit block, per row
+            plans: list[dict] = []  # the cost model's decision, per row that lower tiers could extend
             for row, row_sources in zip(rows, sources):
                 row.hashes = self._identity.block_hashes(call.namespace, row.tokens, size)
                 # the last prompt token(s) are always computed; off the default nothing stored fits the call
@@ -248,6 +257,7 @@ class PrefixCache(DynamicCache, Served):
                 found = self.store.match(call.namespace, row.tokens, row.hashes, usable, self.extra_keys)
                 row.hits = found.blocks
                 row_sources.extend(found.sources)
+                plans.extend(plan.as_dict() for plan in found.plans)
                 if call.priority is not None:
                     self.store.prioritize(
                         row.hits, priorities.block_levels(call.priority, len(row.hits), size)
@@ -267,6 +277,7 @@ class PrefixCache(DynamicCache, Served):
             self.release_if_mine()
             raise
         self._counters.record(rows, call.loaded, size, sources, hits)
+        self.last_call.fetch = plans
         self.last_call.lookup_s = time.perf_counter() - started
         return self
 
@@ -282,6 +293,8 @@ class PrefixCache(DynamicCache, Served):
         self._ownership.check()
         call, stats = self._call, self.last_call
         started = time.perf_counter()
+        if call is not None and self.store is not None and self.store.tiers is not None:
+            call.timing.report(self.store.tiers.cost, call.loaded)
         try:
             if call is not None and self.store is not None and not call.rows_changed:
                 sequences, problem = as_sequences(sequences)
@@ -391,6 +404,8 @@ class PrefixCache(DynamicCache, Served):
         if layer_idx == self._first_kv_layer:
             self._ownership.check()
             call = self._call
+            if call is not None:
+                call.timing.forward(key_states.shape[0] * key_states.shape[-2])
             if call is None and self.store is not None and inside_generate():
                 raise RuntimeError(unprepared(self.model))
             if call is not None and self._verified_call is not call:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import sys
 import threading
+import time
 
 import torch
 from transformers.generation.utils import GenerationMixin
@@ -46,6 +47,32 @@ class CallState:
         # that takes them while generate() runs
         self.pending: list = []
         self.recorder = None
+        self.timing = PrefillTiming()
+
+
+class PrefillTiming:
+    """How long a call's first forward (the prefill of the tokens not reused) took: from its first layer
+    to the next forward's first layer, or to ``commit``. The cost model learns the prefill rate from it."""
+
+    def __init__(self):
+        self.started: float | None = None
+        self.tokens = 0
+        self.seconds: float | None = None
+
+    def forward(self, tokens: int) -> None:
+        now = time.perf_counter()
+        if self.started is None:
+            self.started, self.tokens = now, tokens
+        elif self.seconds is None:
+            self.seconds = now - self.started
+
+    def report(self, cost_model, loaded: int) -> None:
+        """Tell ``cost_model`` (once) what this call's prefill cost."""
+        if self.started is None or self.tokens <= 0:
+            return
+        seconds = self.seconds if self.seconds is not None else time.perf_counter() - self.started
+        cost_model.observe_prefill(loaded, self.tokens, seconds)
+        self.started = None
 
 
 class Ownership:

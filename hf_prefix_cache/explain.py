@@ -31,6 +31,9 @@ class HitReport:
     block_size: int
     pieces: list[str] | None = field(default=None, repr=False)
     pinned_tokens: int = 0  # the first this many tokens sit in pinned blocks (pin()): never evicted
+    # what the cost model took from the lower tiers and left to recompute, and why (None: the device pool
+    # alone served the lookup, or there are no tiers); see ``CallStats.fetch``
+    fetch: dict | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -57,6 +60,8 @@ class HitReport:
         summary = f"reused {self.hit_tokens}/{len(self.tokens)} prompt tokens ({self.hit_rate:.0%})"
         if self.pinned_tokens:
             summary += f", the first {self.pinned_tokens} pinned"
+        if self.fetch is not None:
+            summary += f"; lower tiers: fetched {self.fetch['fetch'] or 'nothing'} ({self.fetch['reason']})"
         if self.first_miss is None:
             return summary + "; every token matches stored text"
         context = self.text(max(0, self.first_miss - 8), self.first_miss)
@@ -114,7 +119,8 @@ def stored_prefix(
 
     Read-only: the references taken to look the chain up are released."""
     size = store.block_size
-    blocks = store.match(namespace, tokens, hashes, len(hashes), extra_keys).blocks
+    found = store.match(namespace, tokens, hashes, len(hashes), extra_keys)
+    blocks = found.blocks
     try:
         parent_ref = blocks[-1].ref if blocks else root_ref(namespace)
         with store.lock:
@@ -127,4 +133,5 @@ def stored_prefix(
     if store.snapshots is not None:  # a hybrid model restarts at the longest prefix with a state snapshot
         with store.lock:
             usable = next((n for n in range(usable, 0, -1) if store.snapshots.peek(blocks[n - 1])), 0)
-    return HitReport(tokens, usable * size, matched, size, pieces, pinned * size)
+    fetch = found.plans[0].as_dict() if found.plans else None
+    return HitReport(tokens, usable * size, matched, size, pieces, pinned * size, fetch)

@@ -20,6 +20,9 @@ class CallStats:
     lookup_s: float = 0.0  # the cache's own work before generate(): hashing, matching, placing the prefix
     store_s: float = 0.0  # and after it: storing prompt and reply blocks
     refused: str | None = None  # why nothing of this call was stored (its K/V were not what it implies)
+    # per row that lower tiers could extend: what the cost model fetched from which tier, what it left to
+    # recompute, and why (``cost_model.FetchPlan.as_dict``: estimated seconds of each choice)
+    fetch: list[dict] = field(default_factory=list)
 
     @property
     def hit_rate(self) -> float:

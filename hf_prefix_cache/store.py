@@ -49,6 +49,7 @@ class Match:
 
     blocks: list[Block] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)  # "device", or the name of the tier it was promoted from
+    plans: list = field(default_factory=list)  # the cost model's FetchPlan when lower tiers held more
 
 
 class BlockStore:
@@ -227,7 +228,9 @@ class BlockStore:
                     found.blocks.append(block)
                     found.sources.append("device")
             if self.tiers is not None and len(found.blocks) < limit:
-                self.tiers.promote(namespace, tokens, hashes, found.blocks, limit, extra_keys, found.sources)
+                self.tiers.promote(
+                    namespace, tokens, hashes, found.blocks, limit, extra_keys, found.sources, found.plans
+                )
         except BaseException:
             self.release(found.blocks)  # whatever raised, the caller never saw these references
             raise

@@ -17,12 +17,16 @@ under an old identity.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
 from .block_pool import ascending
+from .cost_model import CostModel, FetchPlan, Segment, layout_costs
 from .hashing import BlockHash
 from .identity import root_of, tier_digest
 from .parallel import run_all
@@ -34,6 +38,8 @@ if TYPE_CHECKING:
     from .store import BlockStore
 
 logger = logging.getLogger(__name__)
+
+PIPELINE_BATCH = 16  # blocks per fetch batch: the next batch is read while this one is placed
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +63,8 @@ class TierStack:
         self.write_through = [tier for tier in self.tiers if tier is not self.host]
         self._origins: dict[int, _Origin] = {}
         self._namespaces: dict[tuple[str, tuple], bytes] = {}
+        self.cost = CostModel(*layout_costs(store.layouts))  # PrefixCache gives it the model's prior
+        self.batch_blocks = PIPELINE_BATCH
         store.pool.on_evict = self.evicting
         for tier in self.tiers:  # size sweeps skip the entries of blocks pinned in this process
             tier.kept = lambda pins=store.pins: pins.hashes
@@ -160,9 +168,14 @@ class TierStack:
         limit: int,
         extra_keys: tuple[Hashable, ...],
         sources: list[str] | None,
+        plans: list[FetchPlan] | None = None,
     ) -> list[Block]:
         """Continue ``chain`` (pool blocks the caller references) from the tiers up to ``limit`` blocks;
         returns the newly referenced blocks (promoted into the pool), stopping at the first block no tier has.
+
+        First each tier says how many blocks it holds (``_plan``); the cost model decides how many of them
+        to fetch (``plans`` receives its ``FetchPlan``); then a prefetch thread fetches and verifies batch
+        k+1 while this thread places batch k (``_stream_in``).
 
         Called WITHOUT the store's lock: the tier reads (a disk read, a Redis round trip) and the copy into
         the pool run unlocked, so other views keep using the store meanwhile; only the bookkeeping before
@@ -171,19 +184,6 @@ class TierStack:
         start = len(chain)
         if start >= limit:
             return []
-        try:
-            found = self._fetch(namespace, tokens, hashes, start, limit, extra_keys)
-        except Exception as error:
-            self.tiers[0].error("lookup", f"lookup failed ({error!r})")
-            return []
-        if not found:
-            return []
-        return self._place(
-            namespace, self.namespace(namespace, extra_keys), chain, found, extra_keys, sources
-        )
-
-    def _fetch(self, namespace, tokens, hashes, start, limit, extra_keys) -> list[tuple[BlockData, str]]:
-        """The blocks ``start:limit`` of the chain from the tiers, in order, each with its tier's name."""
         digest = self.namespace(namespace, extra_keys)
         root = root_of(namespace)
         size = self.store.block_size
@@ -191,55 +191,141 @@ class TierStack:
             BlockRequest(hashes[i], hashes[i - 1] if i else root, tuple(tokens[i * size : (i + 1) * size]))
             for i in range(start, limit)
         ]
-        found: list[tuple[BlockData, str]] = []
+        try:
+            segments = self._plan(digest, requests)
+        except Exception as error:
+            self.tiers[0].error("lookup", f"lookup failed ({error!r})")
+            return []
+        if not segments:
+            return []
+        blocks, plan = self.cost.choose(
+            start, len(tokens), [s for s, _ in segments], size, self.store.kv.block_bytes(), self.batch_blocks
+        )
+        if plans is not None:
+            plans.append(plan)
+        for segment, tier in segments:
+            below = segment.min_tokens is not None and segment.blocks * size < segment.min_tokens
+            if below and hasattr(tier.counters, "below_threshold"):
+                tier.count(below_threshold=1)
+        if blocks == 0:
+            return []
+        return self._stream_in(namespace, digest, chain, requests[:blocks], segments, extra_keys, sources)
+
+    def _plan(self, digest: bytes, requests: list[BlockRequest]) -> list[tuple[Segment, Tier]]:
+        """Which tier holds which run of ``requests``: each tier continues where the one above stops (its
+        lookup timed: the round trip the cost model charges per fetch)."""
+        segments: list[tuple[Segment, Tier]] = []
+        position = 0
         for tier in self.tiers:
-            if len(found) == len(requests):
+            if position == len(requests):
                 break
+            started = time.perf_counter()
             try:
-                got = tier.get(digest, requests[len(found) :])
+                count = tier.lookup(digest, requests[position:])
             except Exception as error:
                 tier.error("get", f"lookup failed ({error!r})")
-                got = []
-            for data, request in zip(got, requests[len(found) :]):
-                if not data.matches(request):
-                    break
-                found.append((data, tier.name))
-        return found
+                count = 0
+            self.cost.observe_lookup(tier.name, time.perf_counter() - started)
+            if count:
+                segment = Segment(tier.name, position, count, tier.cost_decided, tier.min_tokens)
+                segments.append((segment, tier))
+                position += count
+        return segments
 
-    def _place(self, namespace, digest, chain, found, extra_keys, sources) -> list[Block]:
-        """Admit ``found`` into the pool as new blocks are admitted: reserve blocks (locked), copy the K/V
-        in (unlocked: the reserved blocks are referenced by this call alone and not published yet), then
-        publish them (locked), appending each to ``chain``."""
-        with self.store.lock:
-            taken = self._reserve(found)
-        if not taken:
-            return []
+    def _stream_in(self, namespace, digest, chain, requests, segments, extra_keys, sources) -> list[Block]:
+        """Fetch ``requests`` from their tiers and place them, batch by batch: a prefetch thread reads and
+        verifies the next batch while this thread copies the current one into the pool. The chain stops
+        exactly at the first block that is missing, bad, or fails to place."""
+        with self.store.lock:  # the whole run at once: consecutive ids, read back as one view per layer
+            reserved = self._reserve_for(requests)
+        requests = requests[: len(reserved)]
+        feed = _Prefetch(
+            self._batches(digest, requests, segments), parallel=len(requests) > self.batch_blocks
+        )
+        promoted: list[Block] = []
+        spans: dict[str, list] = {}
+        used = 0
+        started = time.perf_counter()
         try:
-            self._copy_in(taken)
-        except Exception as error:
+            for tier_name, found in feed:
+                blocks, used = reserved[used : used + len(found)], used + len(found)  # now _place's to free
+                placed = self._place(namespace, digest, chain, found, extra_keys, sources, blocks)
+                promoted.extend(placed)
+                now = time.perf_counter()
+                span = spans.setdefault(tier_name, [started, now, 0, 0])
+                span[1:] = [now, span[2] + len(placed), span[3] + 1]
+                started = now
+                if len(placed) < len(found):
+                    break
+        finally:
+            feed.close()
             with self.store.lock:
-                self.store.pool.release([block for block, _, _ in taken])
-            self.tiers[0].error("promote", f"could not copy blocks into the pool ({error!r})")
-            return []
-        with self.store.lock:
-            return self._publish_promoted(namespace, digest, chain, taken, extra_keys, sources)
+                self.store.pool.release(reserved[used:])  # reserved for blocks that never came
+        block_bytes = self.store.kv.block_bytes()
+        for tier_name, (begin, end, count, batches) in spans.items():
+            self.cost.observe_transfer(tier_name, count * block_bytes, end - begin, batches)
+        return promoted
 
-    def _reserve(self, found) -> list[tuple[Block, BlockData, str]]:
-        """Referenced empty pool blocks for ``found``, in ascending id order along the chain (see
-        ``BlockStore._extend``); fewer when the pool is full of referenced blocks or a block in use collides."""
+    def _reserve_for(self, requests: list[BlockRequest]) -> list[Block]:
+        """Referenced empty pool blocks for ``requests``, in ascending id order (see ``BlockStore._extend``);
+        fewer when the pool is full of referenced blocks or a block in use has a requested hash."""
         pool = self.store.pool
-        taken: list[tuple[Block, BlockData, str]] = []
-        for data, tier_name in found:
-            occupant = pool.table.get(data.block_hash)
+        taken: list[Block] = []
+        for request in requests:
+            occupant = pool.table.get(request.block_hash)
             if occupant is not None and occupant.ref_count > 0:
                 break  # a colliding block in use: stop rather than overwrite it
             block = pool.allocate()
             if block is None:
                 break  # every block is referenced: a shorter hit
-            taken.append((block, data, tier_name))
-        ordered = ascending([block for block, _, _ in taken])
+            taken.append(block)
+        ordered = ascending(taken)
         self.store.kv.mark_written([block.block_id for block in ordered])  # the copies then only read marks
-        return [(block, data, name) for block, (_, data, name) in zip(ordered, taken)]
+        return ordered
+
+    def _batches(self, digest, requests, segments):
+        """(tier name, verified blocks) per batch, in chain order, ending at the first block not served."""
+        for segment, tier in segments:
+            if segment.start >= len(requests):
+                return
+            wanted = requests[segment.start : segment.start + segment.blocks]
+            served = 0
+            try:
+                for blocks in tier.stream(digest, wanted[served:], self.batch_blocks):
+                    found = []
+                    for data in blocks:
+                        if served >= len(wanted) or not data.matches(wanted[served]):
+                            break
+                        found.append((data, tier.name))
+                        served += 1
+                    if found:
+                        yield tier.name, found
+                    if len(found) < len(blocks):
+                        return
+            except Exception as error:
+                tier.error("get", f"lookup failed ({error!r})")
+                return
+            if served < len(wanted):
+                return
+
+    def _place(self, namespace, digest, chain, found, extra_keys, sources, reserved) -> list[Block]:
+        """Admit ``found`` into the pool as new blocks are admitted: copy the K/V into the ``reserved``
+        blocks (unlocked: they are referenced by this call alone and not published yet; from here on
+        this method frees them on failure), then publish them (locked), appending each to ``chain``."""
+        taken = [(block, data, name) for block, (data, name) in zip(reserved, found)]
+        if not taken:
+            return []
+        try:
+            self._copy_in(taken)
+        except BaseException as error:  # an interrupt too: the reserved blocks are nobody else's
+            with self.store.lock:
+                self.store.pool.release([block for block, _, _ in taken])
+            if not isinstance(error, Exception):
+                raise
+            self.tiers[0].error("promote", f"could not copy blocks into the pool ({error!r})")
+            return []
+        with self.store.lock:
+            return self._publish_promoted(namespace, digest, chain, taken, extra_keys, sources)
 
     def _copy_in(self, taken: list[tuple[Block, BlockData, str]]) -> None:
         kv = self.store.kv
@@ -342,3 +428,54 @@ class TierStack:
     @property
     def errors(self) -> int:
         return sum(tier.counters.errors for tier in self.tiers)
+
+
+class _Prefetch:
+    """Runs a generator of batches one step ahead on a thread of its own (when ``parallel``), so its
+    reads overlap the consumer's placement. ``close`` stops it and waits for it: nothing it produced is
+    referenced by the pool, so stopping early leaks nothing."""
+
+    _END = object()
+
+    def __init__(self, batches, parallel: bool):
+        self._batches = batches
+        self._thread = None
+        if parallel:
+            self._queue: queue.Queue = queue.Queue(maxsize=1)
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._run, name="hf_prefix_cache-prefetch", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for item in self._batches:
+                if not self._put(item):
+                    return
+        except BaseException as error:  # the generator reports tier errors itself; anything else ends it
+            logger.debug("prefetch ended by %r", error)
+        finally:
+            self._batches.close()
+            self._put(self._END)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        if self._thread is None:
+            yield from self._batches
+            return
+        while (item := self._queue.get()) is not self._END:
+            yield item
+
+    def close(self) -> None:
+        if self._thread is None:
+            self._batches.close()
+            return
+        self._stop.set()
+        self._thread.join()

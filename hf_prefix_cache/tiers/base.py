@@ -15,7 +15,7 @@ import threading
 import warnings
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -85,6 +85,12 @@ class Tier(ABC):
     # True: the tier receives the blocks the pool evicts (write-back; the host tier). False: it receives
     # every block the pool publishes, in the background (write-through; disk, remote).
     write_back: bool = False
+    # True: the cost model (``hf_prefix_cache.cost_model``) decides per call whether fetching this tier's
+    # blocks beats recomputing them; False: whatever the tier holds is used (host RAM, a local folder).
+    cost_decided: bool = False
+    # A fixed threshold that overrides the cost model for this tier: fetch only hits of at least this many
+    # tokens (``remote_min_tokens=``); None lets the cost model decide.
+    min_tokens: int | None = None
 
     def __init__(self) -> None:
         self.counters = TierCounters()
@@ -101,6 +107,19 @@ class Tier(ABC):
     @abstractmethod
     def get(self, namespace: bytes, requests: Sequence[BlockRequest]) -> list[BlockData]:
         """The verified blocks for the leading ``requests``, stopping at the first miss or bad entry."""
+
+    def stream(
+        self, namespace: bytes, requests: Sequence[BlockRequest], batch: int
+    ) -> Iterator[list[BlockData]]:
+        """The verified blocks for the leading ``requests`` (which ``contains`` found), ``batch`` at a time,
+        so the caller places one batch while the next is read; ends at the first miss or bad entry.
+        Runs on a prefetch thread: a tier that overrides it must be safe to call from one."""
+        yield self.get(namespace, requests)
+
+    def lookup(self, namespace: bytes, requests: Sequence[BlockRequest]) -> int:
+        """How many leading ``requests`` the tier holds, before any is fetched (unverified: ``stream``
+        verifies). A network tier answers in one round trip; the cost model times it."""
+        return self.contains(namespace, [request.block_hash for request in requests])
 
     def contains(self, namespace: bytes, block_hashes: Sequence[bytes]) -> int:
         """How many leading ``block_hashes`` the tier holds (unverified; ``get`` verifies)."""

@@ -33,7 +33,7 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -117,22 +117,38 @@ class DiskTier(Tier):
 
     # -- reads ---------------------------------------------------------------------------------------
     def get(self, namespace: bytes, requests: Sequence[BlockRequest]) -> list[BlockData]:
-        found: list[BlockData] = []
+        return [block for batch in self.stream(namespace, requests, len(requests) or 1) for block in batch]
+
+    def stream(
+        self, namespace: bytes, requests: Sequence[BlockRequest], batch: int
+    ) -> Iterator[list[BlockData]]:
+        """Map and verify ``batch`` entries at a time (the caller copies one batch into the pool while the
+        prefetch thread maps and checksums the next: both release the GIL for most of their work)."""
         if not self.usable or self._closed:
-            return found
-        for index, request in enumerate(requests):
-            block = self._read(namespace, request)
-            if block is None:
-                self.count(misses=1)
-                # Past a missing entry (another process's size sweep deleted it, say) this process's
-                # memory of what is on disk is stale: forget the rest, so a later store checks the folder
-                # again instead of skipping blocks that are gone.
-                for later in requests[index + 1 :]:
-                    self._known.discard((namespace, later.block_hash))
-                break
-            found.append(block)
-        self.count(hits=len(found))
-        return found
+            return
+        hits = 0
+        try:
+            for start in range(0, len(requests), batch):
+                found, stopped = [], False
+                for index in range(start, min(len(requests), start + batch)):
+                    block = self._read(namespace, requests[index])
+                    if block is None:
+                        self.count(misses=1)
+                        # Past a missing entry (another process's size sweep deleted it, say) this
+                        # process's memory of what is on disk is stale: forget the rest, so a later store
+                        # checks the folder again instead of skipping blocks that are gone.
+                        for later in requests[index + 1 :]:
+                            self._known.discard((namespace, later.block_hash))
+                        stopped = True
+                        break
+                    found.append(block)
+                hits += len(found)
+                if found:
+                    yield found
+                if stopped:
+                    return
+        finally:
+            self.count(hits=hits)
 
     def _read(self, namespace: bytes, request: BlockRequest) -> BlockData | None:
         path = self.path(namespace, request.block_hash)

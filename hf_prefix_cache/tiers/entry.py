@@ -44,6 +44,7 @@ loads from bytes by copying every tensor; the writer is still ``safetensors.torc
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -268,10 +269,7 @@ def decode(
     tokens = tuple(array("q", bytes(view[tokens_at:table_at])))
     if tokens != tuple(request.tokens):
         raise EntryError("tokens", "holds other token ids")
-    expected = [LAYER.pack(x.num_heads, x.head_dim, _dtype_name(x.dtype)) for x in layouts]
-    if bytes(view[table_at : table_at + LAYER.size * n_layers]) != b"".join(expected) or n_layers != len(
-        layouts
-    ):
+    if bytes(view[table_at : table_at + LAYER.size * n_layers]) != _layer_table(tuple(layouts)):
         raise EntryError("layout", "layer count, heads, head dim or dtype differ from the model's")
     packed = _read_payload(flat, view, payload_at)
     _check_payload(packed, layouts, n_tokens)
@@ -279,10 +277,21 @@ def decode(
     return BlockData(block_hash, parent, tokens, keys, values)
 
 
+@functools.lru_cache(maxsize=64)
+def _layer_table(layouts: tuple[LayerLayout, ...]) -> bytes:
+    """The layer table an entry of ``layouts`` carries (made once per layout, not per block read)."""
+    return b"".join(LAYER.pack(x.num_heads, x.head_dim, _dtype_name(x.dtype)) for x in layouts)
+
+
+@functools.lru_cache(maxsize=64)
+def _data_bytes(layouts: tuple[LayerLayout, ...], n_tokens: int) -> int:
+    return sum(layout.block_bytes(n_tokens) for layout in layouts)
+
+
 def _check_size(view: memoryview, payload_at: int, payload_len: int, n_tokens: int, layouts) -> None:
     """Before any pass over the bytes, so a huge or sparse file costs nothing: the payload must be a
     bounded safetensors header plus exactly the layout's K/V bytes."""
-    data_bytes = sum(layout.block_bytes(n_tokens) for layout in layouts)
+    data_bytes = _data_bytes(tuple(layouts), n_tokens)
     (json_len,) = struct.unpack_from("<Q", view, payload_at) if payload_len >= 8 else (None,)
     if json_len is None or json_len > _max_json(len(layouts)) or payload_len != 8 + json_len + data_bytes:
         low, high = size_bounds(n_tokens, layouts)
@@ -317,17 +326,22 @@ def _read_payload(flat: torch.Tensor, view: memoryview, at: int) -> dict[str, to
 
 def _check_payload(packed: dict[str, torch.Tensor], layouts: Sequence[LayerLayout], n_tokens: int) -> None:
     """Exactly the tensors ``pack`` writes for ``layouts``, with their shapes and dtypes."""
+    expected = _expected_payload(tuple(layouts), n_tokens)
+    got = {name: (tuple(t.shape), t.dtype) for name, t in packed.items()}
+    if got != expected:
+        raise EntryError("payload", "tensor names, shapes or dtypes differ from the layer table")
+
+
+@functools.lru_cache(maxsize=64)
+def _expected_payload(layouts: tuple[LayerLayout, ...], n_tokens: int) -> dict:
     runs = layer_runs([(x.num_heads, x.head_dim, x.dtype) for x in layouts])
-    expected = {
+    return {
         f"kv.{first}": (
             (2 * count, layouts[first].num_heads, n_tokens, layouts[first].head_dim),
             layouts[first].dtype,
         )
         for first, count in runs
     }
-    got = {name: (tuple(t.shape), t.dtype) for name, t in packed.items()}
-    if got != expected:
-        raise EntryError("payload", "tensor names, shapes or dtypes differ from the layer table")
 
 
 def _max_json(n_layers: int) -> int:
@@ -339,7 +353,7 @@ def size_bounds(n_tokens: int, layouts: Sequence[LayerLayout]) -> tuple[int, int
     """The fewest and most bytes an entry of ``n_tokens`` tokens in ``layouts`` can take (keyed or not);
     only the safetensors header's length varies between them, and ``decode`` checks it exactly."""
     fixed = _aligned(HEADER.size + 8 * n_tokens + LAYER.size * len(layouts)) + 8
-    data = sum(layout.block_bytes(n_tokens) for layout in layouts)
+    data = _data_bytes(tuple(layouts), n_tokens)
     return fixed + data, fixed + data + _max_json(len(layouts))
 
 

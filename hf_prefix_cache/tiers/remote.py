@@ -14,8 +14,10 @@ share as a prefix cache.
   ``EXISTS`` per batch) and sends only the others, with an optional TTL. Run the server with
   ``maxmemory`` and ``allkeys-lru`` so it evicts instead of refusing writes.
 - **Reads** take two round trips for the rest of a chain: pipelined ``EXISTS`` to find how many leading
-  blocks the server holds, then ``MGET`` of those (in batches). The fetch is skipped when fewer than
-  ``min_tokens`` tokens would come back: a short remote hit costs more than recomputing it.
+  blocks the server holds (``lookup``), then ``MGET`` of those in batches (``stream``: the store places
+  one batch while a prefetch thread receives the next). Whether to fetch them at all is the cost
+  model's decision (``hf_prefix_cache.cost_model``: a slow link recomputes instead); ``min_tokens``,
+  when given, overrides it with a fixed threshold: hits shorter than that are not fetched.
 - **Failures** (server down, timeout, connection reset, AUTH, out of memory): every call keeps working
   and recomputes. Each failure is counted and warned about once per kind; after a connection failure the
   tier stays off for a back-off (``backoff_s`` doubling up to ``max_backoff_s``) and then reconnects. A
@@ -36,7 +38,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from ..layout import LayerLayout
@@ -53,9 +55,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_KEY_PREFIX = "hfpc"
 DEFAULT_TIMEOUT_S = 0.25
-DEFAULT_MIN_TOKENS = 32
 DEFAULT_QUEUE_BYTES = "512MiB"  # CPU copies waiting for the writer: a 2000-token SmolLM2 prompt is 90 MB
-FETCH_BATCH = 32  # blocks per MGET: bounds one reply (32 SmolLM2 blocks are about 23 MiB)
+FETCH_BATCH = 32  # blocks per MGET of ``get``: bounds one reply (32 SmolLM2 blocks are about 23 MiB)
 WRITE_BATCH = 16  # blocks per writer round trip
 KNOWN_LIMIT = 65536  # keys this process remembers as present on the server
 KEY_PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_.:/@-]{1,64}")
@@ -78,6 +79,7 @@ class RemoteTier(Tier):
     (``redis+cluster://[user:password@]host:port,host:port``, ``rediss+cluster://`` for TLS)."""
 
     name = "remote"
+    cost_decided = True
 
     def __init__(
         self,
@@ -85,7 +87,7 @@ class RemoteTier(Tier):
         layouts: list[LayerLayout],
         *,
         key_prefix: str = DEFAULT_KEY_PREFIX,
-        min_tokens: int = DEFAULT_MIN_TOKENS,
+        min_tokens: int | None = None,
         ttl: float | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
         max_queued_blocks: int = 4096,
@@ -100,7 +102,7 @@ class RemoteTier(Tier):
                 f"key_prefix={key_prefix!r}: use 1-64 characters of letters, digits and _.:/@- "
                 "(it starts every key, and glob characters would break clear())"
             )
-        if min_tokens < 0:
+        if min_tokens is not None and min_tokens < 0:
             raise ValueError(f"remote_min_tokens={min_tokens} must be >= 0")
         if ttl is not None and ttl <= 0:
             raise ValueError(f"remote_ttl={ttl} must be positive seconds (or None: no expiry)")
@@ -212,13 +214,13 @@ class RemoteTier(Tier):
             count += 1
         return count
 
-    def get(self, namespace: bytes, requests: Sequence[BlockRequest]) -> list[BlockData]:
-        found: list[BlockData] = []
+    def lookup(self, namespace: bytes, requests: Sequence[BlockRequest]) -> int:
+        """How many leading ``requests`` the server holds (one round trip); the rest are forgotten."""
         if not requests:
-            return found
+            return 0
         if not self.available():
             self.count(unavailable=1)
-            return found
+            return 0
         leading = self.contains(namespace, [request.block_hash for request in requests])
         if leading < len(requests):
             self.count(misses=1)
@@ -226,19 +228,33 @@ class RemoteTier(Tier):
             # (forgetting only the first would leave the chain broken at the next one for one more round)
             for request in requests[leading:]:
                 self._forget(namespace, request.block_hash)
+        for request in requests[:leading]:  # held there: a call that recomputes them need not send them
+            self._remember(namespace, request.block_hash)
+        return leading
+
+    def get(self, namespace: bytes, requests: Sequence[BlockRequest]) -> list[BlockData]:
+        leading = self.lookup(namespace, requests)
         if leading == 0:
-            return found
-        if sum(len(request.tokens) for request in requests[:leading]) < self.min_tokens:
+            return []
+        if sum(len(request.tokens) for request in requests[:leading]) < (self.min_tokens or 0):
             self.count(below_threshold=1)
-            return found
-        for start in range(0, leading, FETCH_BATCH):
-            batch = requests[start : min(leading, start + FETCH_BATCH)]
-            blocks = self._fetch(namespace, batch)
-            found.extend(blocks)
-            if len(blocks) < len(batch):
-                break
-        self.count(hits=len(found))
-        return found
+            return []
+        return [block for batch in self.stream(namespace, requests[:leading], FETCH_BATCH) for block in batch]
+
+    def stream(
+        self, namespace: bytes, requests: Sequence[BlockRequest], batch: int
+    ) -> Iterator[list[BlockData]]:
+        """One MGET per ``batch`` of ``requests`` (which ``lookup`` found), each verified; ends at a gone or
+        bad value. The socket reads release the GIL, so the caller places one batch while this receives
+        the next."""
+        for start in range(0, len(requests), batch):
+            chunk = requests[start : start + batch]
+            blocks = self._fetch(namespace, chunk)
+            self.count(hits=len(blocks))
+            if blocks:
+                yield blocks
+            if len(blocks) < len(chunk):
+                return
 
     def _fetch(self, namespace: bytes, requests: Sequence[BlockRequest]) -> list[BlockData]:
         """The verified leading blocks of ``requests`` (one MGET), stopping at a gone or bad value."""

@@ -311,8 +311,8 @@ def promoted_root_keys() -> None:
 
     place = TierStack._place
 
-    def forgetting_parents(self, namespace, digest, chain, found, extra_keys, sources):
-        promoted = place(self, namespace, digest, chain, found, extra_keys, sources)
+    def forgetting_parents(self, namespace, digest, chain, found, extra_keys, sources, *reserved):
+        promoted = place(self, namespace, digest, chain, found, extra_keys, sources, *reserved)
         for block in promoted:
             block.key = (("root", namespace), block.key[1], block.key[2])
         return promoted
@@ -331,8 +331,8 @@ def promoted_no_origin() -> None:
 
     place = TierStack._place
 
-    def without_origin(self, namespace, digest, chain, found, extra_keys, sources):
-        promoted = place(self, namespace, digest, chain, found, extra_keys, sources)
+    def without_origin(self, namespace, digest, chain, found, extra_keys, sources, *reserved):
+        promoted = place(self, namespace, digest, chain, found, extra_keys, sources, *reserved)
         for block in promoted:
             self._origins.pop(block.block_id, None)
         return promoted
@@ -476,16 +476,17 @@ def fetch_gives_up_when_host_has_all() -> None:
     """A chain the first tier holds whole ends the lookup with nothing (the loop returns instead of stopping)."""
     from hf_prefix_cache.tiering import TierStack
 
-    fetch = TierStack._fetch
+    plan = TierStack._plan
 
-    def giving_up(self, namespace, tokens, hashes, start, limit, extra_keys):
-        found = fetch(self, namespace, tokens, hashes, start, limit, extra_keys)
+    def giving_up(self, digest, requests):
+        segments = plan(self, digest, requests)
         first = self.tiers[0].name
-        if len(self.tiers) > 1 and found and len(found) == limit - start and {n for _, n in found} == {first}:
-            return None
-        return found
+        whole = len(segments) == 1 and segments[0][0].blocks == len(requests)
+        if len(self.tiers) > 1 and whole and segments[0][0].tier == first:
+            return []
+        return segments
 
-    TierStack._fetch = giving_up
+    TierStack._plan = giving_up
 
 
 @mutant(
@@ -497,15 +498,15 @@ def promotion_cut_short_leaks() -> None:
     """A promotion cut short by a full pool keeps a reference to the blocks it took."""
     from hf_prefix_cache.tiering import TierStack
 
-    place = TierStack._place
+    reserve_for = TierStack._reserve_for
 
-    def leaking(self, namespace, digest, chain, found, extra_keys, sources):
-        promoted = place(self, namespace, digest, chain, found, extra_keys, sources)
-        if promoted and len(promoted) < len(found):
-            self.store.pool.touch(promoted[0])
-        return promoted
+    def leaking(self, requests):
+        taken = reserve_for(self, requests)
+        if taken and len(taken) < len(requests):
+            self.store.pool.touch(taken[0])
+        return taken
 
-    TierStack._place = leaking
+    TierStack._reserve_for = leaking
 
 
 @mutant(
