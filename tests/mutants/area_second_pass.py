@@ -142,17 +142,17 @@ def remote_never_forgets_evicted() -> None:
     """A block the server evicted stays 'known' after a lookup misses it: it is never sent again."""
     from hf_prefix_cache.tiers.remote import RemoteTier
 
-    get = RemoteTier.get
+    lookup = RemoteTier.lookup  # the lookup step of a streamed fetch (and of get)
 
     def remembering(self, namespace, requests):
         with self._state_lock:
             known = [r.block_hash for r in requests if (namespace, r.block_hash) in self._known]
-        found = get(self, namespace, requests)
+        found = lookup(self, namespace, requests)
         for block_hash in known:
             self._remember(namespace, block_hash)
         return found
 
-    RemoteTier.get = remembering
+    RemoteTier.lookup = remembering
 
 
 @mutant(
