@@ -188,15 +188,16 @@ def disk_never_forgets_deleted() -> None:
     """A disk lookup that finds an entry gone keeps believing it (and what follows) is on disk."""
     from hf_prefix_cache.tiers.disk import DiskTier
 
-    get = DiskTier.get
+    stream = DiskTier.stream  # what a store's lookup reads through (get too)
 
-    def remembering(self, namespace, requests):
+    def remembering(self, namespace, requests, batch):
         known = [(namespace, r.block_hash) for r in requests if (namespace, r.block_hash) in self._known]
-        found = get(self, namespace, requests)
-        self._known.update(known)
-        return found
+        try:
+            yield from stream(self, namespace, requests, batch)
+        finally:
+            self._known.update(known)
 
-    DiskTier.get = remembering
+    DiskTier.stream = remembering
 
 
 @mutant(
