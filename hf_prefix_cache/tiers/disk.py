@@ -203,6 +203,14 @@ class DiskTier(Tier):
             self.count(skipped=1)
             return
         data = encode(namespace, block) if self.mac_key is None else encode(namespace, block, self.mac_key)
+        if not self._write_entry(path, data, "block"):
+            return
+        self._known.add((namespace, block.block_hash))
+        self.count(puts=1)
+
+    def _write_entry(self, path: Path, data: bytes, what: str) -> bool:
+        """Put ``data`` at ``path`` whole or not at all (a temp file, then a rename), within ``size``;
+        False (counted, warned once) when the folder refuses it."""
         temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -214,11 +222,11 @@ class DiskTier(Tier):
             kind = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk full", errno.EROFS: "read-only"}.get(
                 error.errno, "read-only" if error.errno in (errno.EACCES, errno.EPERM) else "write"
             )
-            self.error(kind, f"cannot write {path} ({error}); the block stays uncached on disk")
-            return
-        self._known.add((namespace, block.block_hash))
+            self.error(kind, f"cannot write {path} ({error}); the {what} stays uncached on disk")
+            return False
         self._used = (self._used or 0) + len(data)
-        self.count(puts=1, bytes_written=len(data))
+        self.count(bytes_written=len(data))
+        return True
 
     # -- state snapshots (hybrid models) ---------------------------------------------------------------
     def state_path(self, namespace: bytes, block_hash: bytes) -> Path:
@@ -228,20 +236,8 @@ class DiskTier(Tier):
         """Written now, not queued: one file per snapshot, at most a few per call."""
         if not self.usable or self._closed:
             return
-        path = self.state_path(namespace, block_hash)
         data = encode_state(namespace, block_hash, tokens, layers, self.mac_key)
-        temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._make_room(len(data))
-            write_file(temp, data, self.fsync)
-            os.replace(temp, path)
-        except OSError as error:
-            self._remove(temp)
-            self.error("write", f"cannot write {path} ({error}); the state stays uncached on disk")
-            return
-        self._used = (self._used or 0) + len(data)
-        self.count(bytes_written=len(data))
+        self._write_entry(self.state_path(namespace, block_hash), data, "state")
 
     def get_state(self, namespace: bytes, block_hash: bytes, layouts: list) -> tuple[int, list] | None:
         if not self.usable or self._closed:
