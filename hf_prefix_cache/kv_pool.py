@@ -1,7 +1,11 @@
 """K/V tensors, one pair per layer, on that layer's own device and dtype, committed on demand.
 
 Layout per layer is ``[heads, num_blocks, block_size, head_dim]`` so that gathering a chain of blocks
-with ``index_select`` yields ``[heads, n * block_size, head_dim]`` with a single copy.
+with ``index_select`` yields ``[heads, n * block_size, head_dim]`` with a single copy. Consecutive layers
+of one shape, dtype and device share one tensor ``[layers, 2, heads, num_blocks, block_size, head_dim]``
+(each layer's K and V are views of it): one block of a whole run of layers is then a single strided
+slice, laid out as a tier entry's packed tensor (``tiers.entry.pack``), so a tier hit or a copy down to a
+tier moves a block with one copy instead of one per layer.
 
 Memory policy. The tensors are made with ``torch.empty``, never filled: a block is only ever read after
 it was written. On CPU a large ``torch.empty`` is an untouched anonymous mapping, so the operating system
@@ -26,14 +30,20 @@ class KVPool:
         self.layouts = layouts
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.keys = [self._empty(layout, num_blocks) for layout in layouts]
-        self.values = [self._empty(layout, num_blocks) for layout in layouts]
+        self.groups: list[
+            tuple[int, torch.Tensor]
+        ] = []  # (first layer, [layers, 2, heads, blocks, size, dim])
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        for first, count in layer_groups(layouts):
+            layout = layouts[first]
+            shape = (count, 2, layout.num_heads, num_blocks, block_size, layout.head_dim)
+            group = torch.empty(shape, dtype=layout.dtype, device=layout.device)
+            self.groups.append((first, group))
+            self.keys.extend(group[:, 0].unbind(0))
+            self.values.extend(group[:, 1].unbind(0))
         self._written = bytearray(num_blocks)  # 1 where a block was ever written (its pages are committed)
         self._num_written = 0
-
-    def _empty(self, layout: LayerLayout, num_blocks: int) -> torch.Tensor:
-        shape = (layout.num_heads, num_blocks, self.block_size, layout.head_dim)
-        return torch.empty(shape, dtype=layout.dtype, device=layout.device)
 
     @property
     def capacity_bytes(self) -> int:
@@ -110,3 +120,55 @@ class KVPool:
             first = block_ids[start]
             torch.stack(keys[start:end], dim=1, out=pool_k[:, first : first + end - start])
             torch.stack(values[start:end], dim=1, out=pool_v[:, first : first + end - start])
+
+    # -- whole blocks, every layer at once (tier entries) ----------------------------------------------
+    def packed_names(self) -> list[str]:
+        """The names of a block's packed tensors (``tiers.entry.pack``), one per layer group."""
+        return [f"kv.{first}" for first, _ in self.groups]
+
+    def read_packed(self, block_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """One block as ``tiers.entry.pack`` lays it out (``[2 * layers, heads, size, dim]`` per group,
+        K and V interleaved), copied to ``device``: one strided copy per group."""
+        packed = {}
+        for first, group in self.groups:
+            count, _, heads, _, size, dim = group.shape
+            out = torch.empty((count, 2, heads, size, dim), dtype=group.dtype, device=device)
+            out.copy_(group[:, :, :, block_id])
+            packed[f"kv.{first}"] = out.view(2 * count, heads, size, dim)
+        return packed
+
+    def fits_packed(self, packed: dict[str, torch.Tensor] | None) -> bool:
+        """Whether ``packed`` (a block as ``read_packed`` returns it) can be written with ``write_packed``."""
+        if packed is None or len(packed) != len(self.groups):
+            return False
+        for first, group in self.groups:
+            tensor = packed.get(f"kv.{first}")
+            count, _, heads, _, size, dim = group.shape
+            if tensor is None or tensor.shape != (2 * count, heads, size, dim) or tensor.dtype != group.dtype:
+                return False
+        return True
+
+    def write_packed(self, block_ids: list[int], blocks: list[dict[str, torch.Tensor]]) -> None:
+        """Store whole blocks (each as ``fits_packed`` accepts) into ``block_ids``: one copy per block and
+        group (the promotion of a lower-tier hit). On this thread: torch spreads each copy over its own
+        intra-op threads, where copies from helper threads would each start a thread team of their own
+        that keeps spinning into the forward pass."""
+        self.mark_written(block_ids)
+        for block_id, packed in zip(block_ids, blocks):
+            for first, group in self.groups:
+                source = packed[f"kv.{first}"]
+                group[:, :, :, block_id].copy_(source.view(group.shape[0], 2, *source.shape[1:]))
+
+
+def layer_groups(layouts: list[LayerLayout]) -> list[tuple[int, int]]:
+    """(first layer, count) of each run of consecutive layers whose K/V have one shape, dtype and device."""
+    groups: list[tuple[int, int]] = []
+    for index, layout in enumerate(layouts):
+        kind = (layout.num_heads, layout.head_dim, layout.dtype, layout.device)
+        if groups:
+            first = layouts[groups[-1][0]]
+            if (first.num_heads, first.head_dim, first.dtype, first.device) == kind:
+                groups[-1] = (groups[-1][0], groups[-1][1] + 1)
+                continue
+        groups.append((index, 1))
+    return groups

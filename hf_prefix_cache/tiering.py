@@ -31,7 +31,7 @@ from .hashing import BlockHash
 from .identity import root_of, tier_digest
 from .parallel import run_all
 from .tiers.base import BlockData, BlockRequest, Tier
-from .tiers.entry import FORMAT_VERSION, pack, unpack
+from .tiers.entry import FORMAT_VERSION, unpack
 
 if TYPE_CHECKING:
     from .block_pool import Block
@@ -88,13 +88,9 @@ class TierStack:
         """A CPU copy of one pool block's K/V across all layers: one contiguous tensor per layer run
         (the entry format's packing), so a tier keeps one allocation per block, not two per layer."""
         kv = self.store.kv
-        layers = range(len(kv.keys))
-        packed = pack(
-            [kv.keys[layer][:, block.block_id] for layer in layers],
-            [kv.values[layer][:, block.block_id] for layer in layers],
-        )
-        keys, values = unpack({name: t.to("cpu") for name, t in packed.items()}, len(kv.keys))
-        return BlockData(origin.block_hash, origin.parent_hash, origin.tokens, keys, values)
+        packed = kv.read_packed(block.block_id)
+        keys, values = unpack(packed, len(kv.keys))
+        return BlockData(origin.block_hash, origin.parent_hash, origin.tokens, keys, values, packed=packed)
 
     # -- store hooks (called with the store's lock held) -----------------------------------------------
     def published(
@@ -330,6 +326,9 @@ class TierStack:
     def _copy_in(self, taken: list[tuple[Block, BlockData, str]]) -> None:
         kv = self.store.kv
         ids = [block.block_id for block, _, _ in taken]
+        if all(kv.fits_packed(data.packed) for _, data, _ in taken):  # one copy per block and layer group
+            kv.write_packed(ids, [data.packed for _, data, _ in taken])
+            return
 
         def write(layer: int) -> None:
             keys = [data.keys[layer] for _, data, _ in taken]

@@ -79,12 +79,12 @@ def test_an_overlapped_fetch_is_exact(tier, tmp_path, server, monkeypatch):
 
     # negative control: the same check fails when the placed K/V are not the stored ones
     cache.store.tiers.spill_device()
-    write_blocks = KVPool.write_blocks
+    write_packed = KVPool.write_packed
 
-    def scaled(self, layer, block_ids, keys, values):
-        write_blocks(self, layer, block_ids, [k * 1.5 for k in keys], values)
+    def scaled(self, block_ids, blocks):
+        write_packed(self, block_ids, [{name: t * 1.5 for name, t in packed.items()} for packed in blocks])
 
-    monkeypatch.setattr(KVPool, "write_blocks", scaled)
+    monkeypatch.setattr(KVPool, "write_packed", scaled)
     with pytest.raises(AssertionError):
         assert_same_output(greedy(model, ids), run(model, cache, ids))
 

@@ -202,6 +202,39 @@ def test_write_blocks_stores_each_block_where_read_finds_it(block_ids):
     assert pool.committed_bytes == len(block_ids) * pool.block_bytes()
 
 
+@pytest.mark.parametrize("count", [3, 12], ids=["one_thread", "two_threads"])
+def test_whole_blocks_written_packed_read_back_per_layer_and_packed(count):
+    """A tier hit's path: whole blocks in the entry's packed layout (one tensor per group of layers
+    of one shape) written with one copy per block and group, read back per layer and packed again."""
+    from hf_prefix_cache.kv_pool import KVPool, layer_groups
+    from hf_prefix_cache.tiers.entry import pack, unpack
+
+    cpu = torch.device("cpu")
+    layouts = [LayerLayout(2, 4, torch.float32, cpu)] * 2 + [LayerLayout(1, 8, torch.float32, cpu)]
+    layouts += [LayerLayout(2, 4, torch.float32, cpu)]
+    assert layer_groups(layouts) == [(0, 2), (2, 1), (3, 1)]
+    pool = KVPool(layouts, num_blocks=16, block_size=3)
+    block_ids = [9, 1, 7, 3, 5, 0, 8, 2, 6, 4, 11, 15][:count]
+    blocks = []
+    for _ in block_ids:
+        keys = [torch.randn(x.num_heads, 3, x.head_dim) for x in layouts]
+        blocks.append((keys, [torch.randn_like(k) for k in keys]))
+    packed = [pack(keys, values) for keys, values in blocks]
+    assert all(pool.fits_packed(p) for p in packed)
+    pool.write_packed(block_ids, packed)
+    for block_id, (keys, values), expected in zip(block_ids, blocks, packed):
+        for layer in range(len(layouts)):
+            got_k, got_v = pool.read(layer, [block_id])
+            assert torch.equal(got_k, keys[layer]) and torch.equal(got_v, values[layer])
+        again = pool.read_packed(block_id)
+        assert again.keys() == expected.keys()
+        assert all(torch.equal(again[name], expected[name]) for name in expected)
+        assert [torch.equal(a, b) for a, b in zip(unpack(again, len(layouts))[0], keys)] == [True] * 4
+    assert pool.committed_bytes == len(block_ids) * pool.block_bytes()
+    assert not pool.fits_packed({name: t[:, :, :2] for name, t in packed[0].items()})  # another block size
+    assert not pool.fits_packed(None)
+
+
 def test_a_chain_stored_over_evicted_blocks_gets_ascending_ids_and_reads_back_exactly():
     """The LRU queue hands out an evicted chain tail first (descending ids); the new chain is laid out
     in ascending order so that it reads back as one view, and its keys still chain correctly."""

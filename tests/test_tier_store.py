@@ -78,21 +78,20 @@ def test_promotion_respects_references_and_capacity():
 
 
 def test_a_failed_promotion_copy_is_a_counted_miss_and_the_next_call_is_exact(monkeypatch):
-    """The copy into the pool fails halfway (some layers written): nothing stays referenced or cached,
+    """The copy into the pool fails halfway (one block written): nothing stays referenced or cached,
     and the next lookup promotes the same blocks again, exactly."""
     from hf_prefix_cache.kv_pool import KVPool
 
     store = make_store(2, host=100 * BLOCK_BYTES)
     store_tokens(store, TOKENS[: 2 * BLOCK])
     store_tokens(store, list(range(500, 500 + 2 * BLOCK)), value=-1.0)  # the first chain goes to host
-    write_blocks = KVPool.write_blocks
+    write_packed = KVPool.write_packed
 
-    def fails_on_the_last_layer(self, layer, *args):
-        if layer == len(LAYOUT) - 1:
-            raise RuntimeError("copy failed")
-        write_blocks(self, layer, *args)
+    def fails_after_the_first_block(self, block_ids, blocks):
+        write_packed(self, block_ids[:1], blocks[:1])
+        raise RuntimeError("copy failed")
 
-    monkeypatch.setattr(KVPool, "write_blocks", fails_on_the_last_layer)
+    monkeypatch.setattr(KVPool, "write_packed", fails_after_the_first_block)
     with pytest.warns(TierWarning, match="could not copy"):
         blocks, sources, _ = match(store, TOKENS[: 2 * BLOCK])
     assert blocks == [] and sources == [] and store.tiers.errors == 1

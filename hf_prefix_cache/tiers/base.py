@@ -43,9 +43,13 @@ class BlockData:
     block_hash: bytes
     parent_hash: bytes
     tokens: tuple[int, ...]
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    keys: Sequence[torch.Tensor]  # a list, or lazily made views of ``packed``
+    values: Sequence[torch.Tensor]
     priority: int = 0  # the pool block's retention priority: the host tier evicts lower ones first
+    # The same K/V as one tensor per layer group (``tiers.entry.pack``'s layout), which ``keys``/``values``
+    # are views of, when the block came that way (a decoded entry, a pool block copied down): the pool
+    # then takes it with one copy per group instead of one per layer. None: only the per-layer lists.
+    packed: dict[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
     @property
     def nbytes(self) -> int:

@@ -182,10 +182,51 @@ def unpack(packed: dict[str, torch.Tensor], n_layers: int) -> tuple[list[torch.T
     return keys, values
 
 
+class _Unpacked:
+    """``unpack`` of one block, done on first use: a hit the pool takes whole never needs the per-layer
+    views (making 60 of them per block was a visible share of a tier read)."""
+
+    def __init__(self, packed: dict[str, torch.Tensor], n_layers: int):
+        self.packed, self.n_layers, self.views = packed, n_layers, None
+
+    def get(self, which: int) -> list[torch.Tensor]:
+        if self.views is None:
+            self.views = unpack(self.packed, self.n_layers)
+        return self.views[which]
+
+
+class LazyLayers(Sequence):
+    """The per-layer K (``which`` 0) or V (1) views of a packed block, made when first read."""
+
+    def __init__(self, unpacked: _Unpacked, which: int):
+        self._unpacked, self._which = unpacked, which
+
+    def __len__(self) -> int:
+        return self._unpacked.n_layers
+
+    def __getitem__(self, index):
+        return self._unpacked.get(self._which)[index]
+
+    def __iter__(self):
+        return iter(self._unpacked.get(self._which))
+
+    def __add__(self, other) -> list[torch.Tensor]:
+        return list(self) + list(other)
+
+    def __radd__(self, other) -> list[torch.Tensor]:
+        return list(other) + list(self)
+
+
+def lazy_unpack(packed: dict[str, torch.Tensor], n_layers: int) -> tuple[LazyLayers, LazyLayers]:
+    """``unpack``'s K and V lists, each made only when something reads it."""
+    unpacked = _Unpacked(packed, n_layers)
+    return LazyLayers(unpacked, 0), LazyLayers(unpacked, 1)
+
+
 def encode(namespace: bytes, block: BlockData, key: TierKey | None = None) -> bytes:
     """The entry bytes for ``block`` (CPU tensors) in ``namespace``; authenticated with ``key`` if given."""
     table = b"".join(LAYER.pack(keys.shape[0], keys.shape[2], _dtype_name(keys.dtype)) for keys in block.keys)
-    payload = save_safetensors(pack(block.keys, block.values))
+    payload = save_safetensors(block.packed if block.packed is not None else pack(block.keys, block.values))
     tokens = array("q", block.tokens).tobytes()
     unpadded = HEADER.size + len(tokens) + len(table)
     padding = bytes(_aligned(unpadded) - unpadded)
@@ -269,12 +310,40 @@ def decode(
     tokens = tuple(array("q", bytes(view[tokens_at:table_at])))
     if tokens != tuple(request.tokens):
         raise EntryError("tokens", "holds other token ids")
-    if bytes(view[table_at : table_at + LAYER.size * n_layers]) != _layer_table(tuple(layouts)):
+    if bytes(view[table_at : table_at + LAYER.size * n_layers]) != _layer_table(_frozen(layouts)):
         raise EntryError("layout", "layer count, heads, head dim or dtype differ from the model's")
     packed = _read_payload(flat, view, payload_at)
     _check_payload(packed, layouts, n_tokens)
-    keys, values = unpack(packed, n_layers)
-    return BlockData(block_hash, parent, tokens, keys, values)
+    keys, values = lazy_unpack(packed, n_layers)
+    return BlockData(block_hash, parent, tokens, keys, values, packed=packed)
+
+
+class _Frozen(tuple):
+    """Layouts as a tuple whose hash is computed once: ``decode`` looks facts of the layout up several
+    times per block, and hashing 30 layer layouts each time was a visible share of a tier read."""
+
+    def __new__(cls, layouts):
+        frozen = super().__new__(cls, layouts)
+        frozen._hash = tuple.__hash__(frozen)
+        return frozen
+
+    def __hash__(self) -> int:
+        return self._hash
+
+
+_FROZEN: dict[int, tuple[Sequence[LayerLayout], _Frozen]] = {}
+
+
+def _frozen(layouts: Sequence[LayerLayout]) -> _Frozen:
+    """``layouts`` as a ``_Frozen``, the same object for the same list (a tier passes its own each time)."""
+    known = _FROZEN.get(id(layouts))
+    if known is not None and known[0] is layouts:
+        return known[1]
+    if len(_FROZEN) >= 64:
+        _FROZEN.clear()
+    frozen = _Frozen(layouts)
+    _FROZEN[id(layouts)] = (layouts, frozen)  # holds the list, so its id is not reused meanwhile
+    return frozen
 
 
 @functools.lru_cache(maxsize=64)
@@ -291,7 +360,7 @@ def _data_bytes(layouts: tuple[LayerLayout, ...], n_tokens: int) -> int:
 def _check_size(view: memoryview, payload_at: int, payload_len: int, n_tokens: int, layouts) -> None:
     """Before any pass over the bytes, so a huge or sparse file costs nothing: the payload must be a
     bounded safetensors header plus exactly the layout's K/V bytes."""
-    data_bytes = _data_bytes(tuple(layouts), n_tokens)
+    data_bytes = _data_bytes(_frozen(layouts), n_tokens)
     (json_len,) = struct.unpack_from("<Q", view, payload_at) if payload_len >= 8 else (None,)
     if json_len is None or json_len > _max_json(len(layouts)) or payload_len != 8 + json_len + data_bytes:
         low, high = size_bounds(n_tokens, layouts)
@@ -326,7 +395,7 @@ def _read_payload(flat: torch.Tensor, view: memoryview, at: int) -> dict[str, to
 
 def _check_payload(packed: dict[str, torch.Tensor], layouts: Sequence[LayerLayout], n_tokens: int) -> None:
     """Exactly the tensors ``pack`` writes for ``layouts``, with their shapes and dtypes."""
-    expected = _expected_payload(tuple(layouts), n_tokens)
+    expected = _expected_payload(_frozen(layouts), n_tokens)
     got = {name: (tuple(t.shape), t.dtype) for name, t in packed.items()}
     if got != expected:
         raise EntryError("payload", "tensor names, shapes or dtypes differ from the layer table")
@@ -353,7 +422,7 @@ def size_bounds(n_tokens: int, layouts: Sequence[LayerLayout]) -> tuple[int, int
     """The fewest and most bytes an entry of ``n_tokens`` tokens in ``layouts`` can take (keyed or not);
     only the safetensors header's length varies between them, and ``decode`` checks it exactly."""
     fixed = _aligned(HEADER.size + 8 * n_tokens + LAYER.size * len(layouts)) + 8
-    data = _data_bytes(tuple(layouts), n_tokens)
+    data = _data_bytes(_frozen(layouts), n_tokens)
     return fixed + data, fixed + data + _max_json(len(layouts))
 
 

@@ -17,6 +17,7 @@ import torch
 from ..layout import LayerLayout
 from ..memory import available_bytes, format_bytes, parse_bytes, suggested_size
 from .base import BlockData, BlockRequest, Tier
+from .entry import unpack
 from .kind import TierKind
 
 STATE_SHARE = 4  # snapshots may take 1/STATE_SHARE of the host tier's capacity, beside its blocks
@@ -112,6 +113,10 @@ class HostTier(Tier):
         """A CPU copy (pinned on CUDA hosts) unless ``block`` already is one the tier may keep."""
         if not self.pin_memory and all(t.device.type == "cpu" for t in (*block.keys, *block.values)):
             return block
+        if block.packed is not None:  # one copy per layer group, and the pool takes it back the same way
+            packed = {name: self._to_host(t) for name, t in block.packed.items()}
+            keys, values = unpack(packed, len(block.keys))
+            return BlockData(block.block_hash, block.parent_hash, block.tokens, keys, values, packed=packed)
         keys = [self._to_host(t) for t in block.keys]
         values = [self._to_host(t) for t in block.values]
         return BlockData(block.block_hash, block.parent_hash, block.tokens, keys, values)
