@@ -17,6 +17,7 @@ under an old identity.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -24,6 +25,8 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
+
+import torch
 
 from .block_pool import ascending
 from .cost_model import CostModel, FetchPlan, Segment, layout_costs
@@ -65,6 +68,9 @@ class TierStack:
         self._namespaces: dict[tuple[str, tuple], bytes] = {}
         self.cost = CostModel(*layout_costs(store.layouts))  # PrefixCache gives it the model's prior
         self.batch_blocks = PIPELINE_BATCH
+        # Whether a prefetch thread reads batch k+1 while this thread places batch k: None decides by the
+        # machine (``overlaps``), True / False force it.
+        self.overlap: bool | None = None
         store.pool.on_evict = self.evicting
         for tier in self.tiers:  # size sweeps skip the entries of blocks pinned in this process
             tier.kept = lambda pins=store.pins: pins.hashes
@@ -236,7 +242,8 @@ class TierStack:
             reserved = self._reserve_for(requests)
         requests = requests[: len(reserved)]
         feed = _Prefetch(
-            self._batches(digest, requests, segments), parallel=len(requests) > self.batch_blocks
+            self._batches(digest, requests, segments),
+            parallel=len(requests) > self.batch_blocks and self.overlaps(),
         )
         promoted: list[Block] = []
         spans: dict[str, list] = {}
@@ -261,6 +268,19 @@ class TierStack:
         for tier_name, (begin, end, count, batches) in spans.items():
             self.cost.observe_transfer(tier_name, count * block_bytes, end - begin, batches)
         return promoted
+
+    def overlaps(self) -> bool:
+        """Overlap the reads with the placement only where they do not fight over the same cores: a pool
+        off the CPU (the copies are the device's work), or a core left beside torch's intra-op threads.
+        On a CPU pool using every core, a second thread's reads (page faults, checksums, socket copies)
+        stall torch's thread team mid-copy: measured on 2 cores, 2 threads, 2000 cached tokens, the
+        overlapped disk promotion took 60-100 ms against 55 ms in turn, a Redis hit 1.83x device warm
+        against 1.52x."""
+        if self.overlap is not None:
+            return self.overlap
+        if any(layout.device.type != "cpu" for layout in self.store.layouts):
+            return True
+        return torch.get_num_threads() < (os.cpu_count() or 1)
 
     def _reserve_for(self, requests: list[BlockRequest]) -> list[Block]:
         """Referenced empty pool blocks for ``requests``, in ascending id order (see ``BlockStore._extend``);

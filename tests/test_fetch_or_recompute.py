@@ -30,8 +30,10 @@ def make_cache(model, tier: str, tmp_path, server, **options) -> PrefixCache:
         options["disk"] = tmp_path / "kv"
     else:
         options.update(remote=server.url, remote_min_tokens=0, remote_timeout=5)
+    overlap = options.pop("overlap", True)
     cache = PrefixCache(model, block_size=BLOCK, num_blocks=64, **options)
     cache.store.tiers.batch_blocks = 2
+    cache.store.tiers.overlap = overlap  # whatever this machine's cores would decide
     return cache
 
 
@@ -87,6 +89,45 @@ def test_an_overlapped_fetch_is_exact(tier, tmp_path, server, monkeypatch):
     monkeypatch.setattr(KVPool, "write_packed", scaled)
     with pytest.raises(AssertionError):
         assert_same_output(greedy(model, ids), run(model, cache, ids))
+
+
+def test_reads_overlap_the_placement_only_where_a_core_is_left_for_them(tmp_path, monkeypatch):
+    """On a CPU pool whose torch threads take every core, the tier's reads and the copies run in turn on
+    the calling thread (a prefetch thread there stalls torch's team mid-copy); with a core to spare, or
+    a pool off the CPU, they overlap. The sequential path is exact and stops where the tier does."""
+    import os
+
+    model = model_for("llama")
+    cache = make_cache(model, "disk", tmp_path, None, overlap=None)
+    tiers = cache.store.tiers
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert not tiers.overlaps()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert tiers.overlaps()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    tiers.overlap = True
+    assert tiers.overlaps()
+    tiers.overlap = None
+    monkeypatch.undo()
+
+    prompt = random_ids(PREFIX + 5, 1)
+    fill_and_spill(model, cache, prompt)
+    tiers.overlap = False
+    threads: list[str] = []
+    source = the_tier(cache, "disk")
+    stream = source.stream
+
+    def recording(namespace, requests, batch):
+        threads.append(threading.current_thread().name)
+        yield from stream(namespace, requests, batch)
+
+    monkeypatch.setattr(source, "stream", recording)
+    ids = warm_prompt(prompt, 2)
+    assert_same_output(greedy(model, ids), run(model, cache, ids))
+    assert cache.last_call.hit_tokens_by_tier == {"disk": PREFIX}
+    assert threads == [threading.current_thread().name]  # read here, in turn with the copies
+    assert cache.store.pool.num_referenced == 0
 
 
 def corrupt(cache: PrefixCache, tier: str, tokens: list[int], index: int) -> None:

@@ -75,3 +75,15 @@ def prefetch_errors_silent() -> None:
         yield from batches(self, digest, requests, segments)
 
     TierStack._batches = silent
+
+
+@mutant(
+    "reads_always_overlapped",
+    breaks="a CPU pool using every core reads its tier hits in turn with the copies, not on a second thread",
+    tests=(T + "test_reads_overlap_the_placement_only_where_a_core_is_left_for_them",),
+)
+def reads_always_overlapped() -> None:
+    """The prefetch thread runs whatever the machine: on 2 cores it fights torch's threads."""
+    from hf_prefix_cache.tiering import TierStack
+
+    TierStack.overlaps = lambda self: True
