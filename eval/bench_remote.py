@@ -8,8 +8,11 @@ side mean anything on a shared machine).
    and exits (its queued writes are flushed at exit).
 3. This process loads the model and, per repetition (each with a new 32-token suffix), times
    ``generate(max_new_tokens=1)``: ``no_cache``, ``device_warm`` (the prefix in a device pool, as in
-   ``bench_tiers``), and ``remote_warm`` with a brand-new ``PrefixCache`` (empty device pool: every hit
-   comes from the server; making it is not timed).
+   ``bench_tiers``), ``remote_warm`` with a brand-new ``PrefixCache`` (empty device pool: every hit
+   comes from the server; making it is not timed, but its pool's pages are touched for the first time
+   in the call), and ``remote_spilled``: one long-lived cache whose 256 MiB pool was cycled through
+   first and is emptied (untimed) before each call, as ``bench_tiers``' ``disk_warm`` (a long-running
+   process whose pool is full, the only case a lower tier serves).
 
 Prints the TTFT ratios (no cache / remote warm, target >= 8x; remote warm / device warm, target
 <= 1.3x), the bytes per block on the server and the achieved Redis read throughput (bytes fetched /
@@ -43,7 +46,7 @@ from .models import load_model
 
 TARGET = 8.0
 DEVICE_TARGET = 1.3  # remote_warm / device_warm (issue 24)
-MODES = ("no_cache", "device_warm", "remote_warm")
+MODES = ("no_cache", "device_warm", "remote_warm", "remote_spilled")
 
 
 @contextmanager
@@ -126,15 +129,24 @@ def run_benchmark(url: str, prefix_tokens: int, new_tokens: int, repeats: int, s
         caches.append(PrefixCache(model, max_memory="256MiB", remote=url))
 
     device = PrefixCache(model, max_memory="1GiB")
+    spilled = PrefixCache(model, max_memory="256MiB", remote=url)
     calls = {
         "no_cache": generate,
         "device_warm": lambda ids: generate(ids, **{CACHE_KWARG: device}),
         "remote_warm": remote_warm,
+        "remote_spilled": lambda ids: generate(ids, **{CACHE_KWARG: spilled}),
     }
     calls["device_warm"](prompts[0])  # stores the prefix in the device pool
+    for _ in range(spilled.store.pool.num_blocks * spilled.block_size // prompts[0].shape[1] + 1):
+        spilled.store.tiers.spill_device()  # every pool page written once: a full pool
+        calls["remote_spilled"](prompts[0])
     fresh_cache()
     reference = generate(prompts[0])
     mismatches = ["remote_warm"] if not torch.equal(remote_warm(prompts[0]), reference) else []
+    spilled.store.tiers.spill_device()
+    if not torch.equal(calls["remote_spilled"](prompts[0]), reference):
+        mismatches.append("remote_spilled")
+    spilled_hits = []
     times: dict[str, list[float]] = {mode: [] for mode in MODES}
     hits, fetched, fetch_s, blocks = [], 0, 0.0, 0
     order = random.Random(seed)
@@ -145,6 +157,8 @@ def run_benchmark(url: str, prefix_tokens: int, new_tokens: int, repeats: int, s
         for mode in modes:
             if mode == "remote_warm":
                 fresh_cache()
+            if mode == "remote_spilled":
+                spilled.store.tiers.spill_device()
 
             def call(mode=mode, ids=ids, outputs=outputs):
                 outputs[mode] = calls[mode](ids)
@@ -157,7 +171,9 @@ def run_benchmark(url: str, prefix_tokens: int, new_tokens: int, repeats: int, s
                 fetched += remote["bytes_read"]
                 fetch_s += remote["read_s"]
                 blocks += remote["hits"]
-        for mode in ("device_warm", "remote_warm"):
+            if mode == "remote_spilled":
+                spilled_hits.append(dict(spilled.last_call.hit_tokens_by_tier))
+        for mode in ("device_warm", "remote_warm", "remote_spilled"):
             if not torch.equal(outputs[mode], outputs["no_cache"]) and mode not in mismatches:
                 mismatches.append(mode)
     median = {mode: statistics.median(values) for mode, values in times.items()}
@@ -169,6 +185,8 @@ def run_benchmark(url: str, prefix_tokens: int, new_tokens: int, repeats: int, s
         "seconds": times,
         "ratio": median["no_cache"] / median["remote_warm"],
         "remote_over_device": median["remote_warm"] / median["device_warm"],
+        "spilled_over_device": median["remote_spilled"] / median["device_warm"],
+        "remote_spilled_hits_by_tier": spilled_hits,
         "bytes_per_block": fetched / blocks if blocks else 0,
         "read_bytes_per_s": fetched / fetch_s if fetch_s else 0.0,
         "fetch_s_per_call": fetch_s / len(hits) if hits else 0.0,
@@ -214,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  no_cache / remote_warm {result['ratio']:7.2f}{verdict(result['ratio'], ('>=', TARGET))}")
     over = result["remote_over_device"]
     print(f"  remote_warm / device_warm {over:7.3f}{verdict(over, ('<=', DEVICE_TARGET))}")
+    print(
+        f"  remote_spilled / device_warm {result['spilled_over_device']:7.3f}   (a long-running process's "
+        f"pool, pages committed; hits by tier {result['remote_spilled_hits_by_tier'][-1]})"
+    )
     print(
         f"  bytes per block {result['bytes_per_block'] / 1024:.0f} KiB; Redis read throughput "
         f"{result['read_bytes_per_s'] / MiB:.0f} MiB/s ({result['fetch_s_per_call'] * 1000:.0f} ms of "
