@@ -209,9 +209,31 @@ class TierStack:
             below = segment.min_tokens is not None and segment.blocks * size < segment.min_tokens
             if below and hasattr(tier.counters, "below_threshold"):
                 tier.count(below_threshold=1)
-        if blocks == 0:
-            return []
-        return self._stream_in(namespace, digest, chain, requests[:blocks], segments, extra_keys, sources)
+        promoted = []
+        if blocks:
+            promoted = self._stream_in(
+                namespace, digest, chain, requests[:blocks], segments, extra_keys, sources
+            )
+        if plan.probe is not None and len(promoted) == blocks < len(requests):
+            self._probe(digest, requests[blocks], segments, plan.probe)
+        return promoted
+
+    def _probe(self, digest: bytes, request: BlockRequest, segments, tier_name: str) -> None:
+        """Fetch, verify and time one block of a skipped tier, so that a link that got faster is noticed;
+        the block is dropped (the call recomputes it, see ``cost_model``)."""
+        tier = next((tier for segment, tier in segments if tier.name == tier_name), None)
+        if tier is None:
+            return
+        started = time.perf_counter()
+        try:
+            found = [data for batch in tier.stream(digest, [request], 1) for data in batch]
+        except Exception as error:
+            tier.error("get", f"probe failed ({error!r})")
+            return
+        if found and found[0].matches(request):
+            self.cost.observe_transfer(
+                tier.name, self.store.kv.block_bytes(), time.perf_counter() - started, 1
+            )
 
     def _plan(self, digest: bytes, requests: list[BlockRequest]) -> list[tuple[Segment, Tier]]:
         """Which tier holds which run of ``requests``: each tier continues where the one above stops (its

@@ -230,7 +230,7 @@ def test_a_split_fetches_the_fast_tier_and_recomputes_the_rest():
 
 def test_a_skipped_link_is_probed_with_one_block_only_when_that_is_cheap():
     blocks, plan = choose(measured(1e-3, 30e6), remote_only())  # 3 s to fetch, 24 ms per block
-    assert blocks == 1 and plan.probe == "remote" and plan.fetch == {"remote": 16}
+    assert blocks == 0 and plan.probe == "remote" and plan.fetch == {}  # measured, not used
     blocks, plan = choose(measured(1e-3, 1e6), remote_only())  # a 0.7 s probe: not worth it
     assert blocks == 0 and plan.probe is None
 
@@ -302,4 +302,33 @@ def test_a_tier_measured_slower_than_prefill_is_recomputed(tmp_path):
     tiers.spill_device()  # the recomputed blocks were stored on the device: explain sees the tier again
     report = cache.explain(second)
     assert report.fetch is not None and report.fetch["fetch"] == {} and "recompute" in str(report)
+    assert cache.store.pool.num_referenced == 0
+
+
+def test_a_probe_measures_the_skipped_tier_and_the_call_recomputes_the_block(tmp_path, monkeypatch):
+    """The probed block is fetched, verified and timed, but not loaded: the call stays a from-scratch
+    prefill (a short loaded prefix would need an explicit mask, ~20% slower on CPU)."""
+    model = model_for("llama")
+    cache = PrefixCache(model, block_size=BLOCK, num_blocks=64, disk=tmp_path / "kv")
+    tiers = cache.store.tiers
+    prompt = random_ids(PREFIX + 5, 8)
+    fill_and_spill(model, cache, prompt)
+    choose = CostModel.choose
+
+    def recompute_and_probe(self, device_blocks, total_tokens, segments, *args):
+        _, plan = choose(self, device_blocks, total_tokens, segments, *args)
+        plan.fetch, plan.probe = {}, "disk"
+        plan.recompute_tokens = total_tokens
+        return 0, plan
+
+    monkeypatch.setattr(CostModel, "choose", recompute_and_probe)
+    disk = the_tier(cache, "disk")
+    before = disk.counters.hits
+    assert not tiers.cost.rate("disk").measured
+    ids = warm_prompt(prompt, 9)
+    assert_same_output(greedy(model, ids), run(model, cache, ids))
+    assert cache.last_call.hit_tokens == 0 and cache.last_call.computed_tokens == ids.shape[1]
+    assert cache.last_call.fetch[0]["probe"] == "disk" and cache.last_call.fetch[0]["fetch"] == {}
+    assert disk.counters.hits == before + 1  # one block read to time the link
+    assert tiers.cost.rate("disk").measured
     assert cache.store.pool.num_referenced == 0

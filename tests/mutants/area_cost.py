@@ -87,3 +87,33 @@ def reads_always_overlapped() -> None:
     from hf_prefix_cache.tiering import TierStack
 
     TierStack.overlaps = lambda self: True
+
+
+@mutant(
+    "probed_block_loaded",
+    breaks="a probed block is measured, not loaded: the call recomputes it",
+    tests=(T + "test_a_skipped_link_is_probed_with_one_block_only_when_that_is_cheap",),
+)
+def probed_block_loaded() -> None:
+    """The probe's block is fetched as part of the hit (a 16-token prefix, then a masked prefill)."""
+    from hf_prefix_cache.cost_model import CostModel
+
+    choose = CostModel.choose
+
+    def with_probe(self, *args):
+        blocks, plan = choose(self, *args)
+        return blocks + (plan.probe is not None), plan
+
+    CostModel.choose = with_probe
+
+
+@mutant(
+    "probe_not_measured",
+    breaks="a probe times the skipped tier, so a link that got faster is noticed",
+    tests=(T + "test_a_probe_measures_the_skipped_tier_and_the_call_recomputes_the_block",),
+)
+def probe_not_measured() -> None:
+    """The probe reads its block but never tells the cost model how long that took."""
+    from hf_prefix_cache.tiering import TierStack
+
+    TierStack._probe = lambda self, digest, request, segments, tier_name: None
