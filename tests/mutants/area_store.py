@@ -159,12 +159,14 @@ def pool_zero_filled() -> None:
     """The pool zero-fills its whole budget up front."""
     from hf_prefix_cache.kv_pool import KVPool
 
-    empty = KVPool._empty
+    init = KVPool.__init__
 
-    def zeros(self, *args, **kwargs):
-        return empty(self, *args, **kwargs).zero_()
+    def zeroed(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        for _, group in self.groups:
+            group.zero_()
 
-    KVPool._empty = zeros
+    KVPool.__init__ = zeroed
 
 
 @mutant(
