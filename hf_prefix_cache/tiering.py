@@ -23,7 +23,6 @@ import threading
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,7 +31,6 @@ from .block_pool import ascending
 from .cost_model import CostModel, FetchPlan, Segment, layout_costs
 from .hashing import BlockHash
 from .identity import root_of, tier_digest
-from .parallel import run_all
 from .tiers.base import BlockData, BlockRequest, Tier
 from .tiers.entry import FORMAT_VERSION, unpack
 
@@ -372,12 +370,10 @@ class TierStack:
             kv.write_packed(ids, [data.packed for _, data, _ in taken])
             return
 
-        def write(layer: int) -> None:
+        for layer in range(len(kv.keys)):  # blocks without a packed tensor (another tier's own): per layer
             keys = [data.keys[layer] for _, data, _ in taken]
             values = [data.values[layer] for _, data, _ in taken]
             kv.write_blocks(layer, ids, keys, values)
-
-        run_all([partial(write, layer) for layer in range(len(kv.keys))], parallel=len(taken) >= 8)
 
     def _publish_promoted(self, namespace, digest, chain, taken, extra_keys, sources) -> list[Block]:
         """Cache the copied blocks under their chain keys. A block another view published meanwhile (same

@@ -46,6 +46,24 @@ def test_device_evictions_are_written_back_to_host_and_promoted_exactly():
     assert sources == ["host", "host"] and torch.equal(keys, expected_keys(other, 2, -1.0))
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "per_layer"])
+def test_promotion_takes_whole_packed_blocks_or_per_layer_lists_exactly(packed):
+    """A tier's block comes with the entry's packed tensor (one copy per block) or, from a tier that
+    has only per-layer lists, goes in layer by layer: the same K/V either way."""
+    store = make_store(2, host=100 * BLOCK_BYTES)
+    store_tokens(store, TOKENS[: 2 * BLOCK])
+    store_tokens(store, list(range(500, 500 + 2 * BLOCK)), value=-1.0)  # the first chain goes to host
+    entries = list(store.tiers.host._entries.values())
+    assert len(entries) == 2 and all(store.kv.fits_packed(entry.packed) for entry in entries)
+    if not packed:
+        for entry in entries:
+            entry.keys, entry.values = list(entry.keys), list(entry.values)
+            entry.packed = None
+    _, sources, keys = match(store, TOKENS[: 2 * BLOCK])
+    assert sources == ["host", "host"] and torch.equal(keys, expected_keys(TOKENS, 2))
+    assert store.pool.num_referenced == 0
+
+
 def test_a_chain_continues_from_device_into_host():
     store = make_store(4, host=100 * BLOCK_BYTES)
     store_tokens(store, TOKENS[: 4 * BLOCK])  # blocks 0-3 in the pool

@@ -119,26 +119,6 @@ def extend_chain_releases_held() -> None:
 
 
 @mutant(
-    "copies_outlive_an_interrupt",
-    breaks="an interrupted promotion returns only after its copy threads stopped writing into the pool",
-    tests=("tests/test_parallel.py::test_an_interrupt_returns_only_after_every_started_copy_finished",),
-)
-def copies_outlive_an_interrupt() -> None:
-    """run_all raises on an interrupt while its copy threads still write."""
-
-    def make(original):
-        def run_all(tasks, parallel=True):
-            from hf_prefix_cache.parallel import _pool
-
-            for future in [_pool().submit(task) for task in tasks]:
-                future.result()
-
-        return run_all
-
-    replace_function("hf_prefix_cache.parallel", "run_all", make)
-
-
-@mutant(
     "fresh_chains_not_ascending",
     breaks="a chain stored over evicted blocks is laid out in ascending ids (one view to read back)",
     tests=(
