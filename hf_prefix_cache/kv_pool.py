@@ -30,9 +30,8 @@ class KVPool:
         self.layouts = layouts
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.groups: list[
-            tuple[int, torch.Tensor]
-        ] = []  # (first layer, [layers, 2, heads, blocks, size, dim])
+        # (first layer, [layers, 2, heads, blocks, size, dim]) per group of alike layers
+        self.groups: list[tuple[int, torch.Tensor]] = []
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         for first, count in layer_groups(layouts):
@@ -122,10 +121,6 @@ class KVPool:
             torch.stack(values[start:end], dim=1, out=pool_v[:, first : first + end - start])
 
     # -- whole blocks, every layer at once (tier entries) ----------------------------------------------
-    def packed_names(self) -> list[str]:
-        """The names of a block's packed tensors (``tiers.entry.pack``), one per layer group."""
-        return [f"kv.{first}" for first, _ in self.groups]
-
     def read_packed(self, block_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """One block as ``tiers.entry.pack`` lays it out (``[2 * layers, heads, size, dim]`` per group,
         K and V interleaved), copied to ``device``: one strided copy per group."""
