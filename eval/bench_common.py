@@ -49,6 +49,15 @@ def timed(call) -> float:
     return time.perf_counter() - start
 
 
+def fill_pool(cache, call, ids: torch.Tensor) -> None:
+    """Empty ``cache``'s device pool and ``call(ids)`` (promoting ``ids`` from the lower tiers) until every
+    pool page was written once: a long-running process's full pool, the only case a lower tier serves
+    (fresh pages would add their first touch to the timed calls)."""
+    for _ in range(cache.store.pool.num_blocks * cache.block_size // ids.shape[1] + 1):
+        cache.store.tiers.spill_device()
+        call(ids)
+
+
 def add_prompt_options(parser: argparse.ArgumentParser, repeats: int, repeats_help: str) -> None:
     """The prompt shape, the repetitions and ``--json``."""
     parser.add_argument("--prefix-tokens", type=int, default=2000, help="cached prefix length (default 2000)")

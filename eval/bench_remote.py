@@ -41,7 +41,16 @@ import torch
 
 from hf_prefix_cache import CACHE_KWARG, PrefixCache
 
-from .bench_common import add_prompt_options, finish, print_modes, prompts_for, real_text_ids, timed, verdict
+from .bench_common import (
+    add_prompt_options,
+    fill_pool,
+    finish,
+    print_modes,
+    prompts_for,
+    real_text_ids,
+    timed,
+    verdict,
+)
 from .models import load_model
 
 TARGET = 8.0
@@ -137,9 +146,7 @@ def run_benchmark(url: str, prefix_tokens: int, new_tokens: int, repeats: int, s
         "remote_spilled": lambda ids: generate(ids, **{CACHE_KWARG: spilled}),
     }
     calls["device_warm"](prompts[0])  # stores the prefix in the device pool
-    for _ in range(spilled.store.pool.num_blocks * spilled.block_size // prompts[0].shape[1] + 1):
-        spilled.store.tiers.spill_device()  # every pool page written once: a full pool
-        calls["remote_spilled"](prompts[0])
+    fill_pool(spilled, calls["remote_spilled"], prompts[0])
     fresh_cache()
     reference = generate(prompts[0])
     mismatches = ["remote_warm"] if not torch.equal(remote_warm(prompts[0]), reference) else []

@@ -34,13 +34,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from hf_prefix_cache import PrefixCache
 
-from .bench_common import add_prompt_options, finish, print_modes, print_ratios, prompts_for, timed
+from .bench_common import add_prompt_options, fill_pool, finish, print_modes, print_ratios, prompts_for, timed
 from .models import load_model
 
 SPILLED_POOL = "256MiB"  # device pool of the host/disk modes: small, so a few promotions commit it all
@@ -106,10 +107,8 @@ def run_benchmark(prefix_tokens=2000, new_tokens=32, repeats=3, restarts=2, seed
     for cache in (device, host, disk):
         generate(model, prompts[0], cache=cache)  # stores the prefix (and warms up)
     assert disk.flush(120)
-    for cache in (host, disk):  # promote until every pool page was written once (a full pool)
-        for _ in range(cache.store.pool.num_blocks * cache.block_size // prompts[0].shape[1] + 1):
-            cache.store.tiers.spill_device()
-            generate(model, prompts[0], cache=cache)
+    for cache in (host, disk):
+        fill_pool(cache, partial(generate, model, cache=cache), prompts[0])
     entries = sorted(folder.rglob("*.kvb"))
     bytes_per_entry = statistics.median(path.stat().st_size for path in entries)
     kv_bytes_per_block = sum(layout.block_bytes(device.block_size) for layout in device.store.layouts)
