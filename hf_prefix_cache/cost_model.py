@@ -184,7 +184,7 @@ class CostModel:
 
     def rate(self, tier: str) -> TierRate:
         with self._lock:
-            return self.tiers.setdefault(tier, TierRate(tier))
+            return self.rate_locked(tier)
 
     def set_model(
         self, flops_per_token: float, attention_flops: float, device_type: str, weight_bytes: float = 0.0

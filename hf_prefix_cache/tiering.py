@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_BATCH = 16  # blocks per fetch batch: the next batch is read while this one is placed
+PIPELINE_BATCH = 16  # blocks per fetch batch (where reads overlap, the next is read while this one is placed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,8 +174,8 @@ class TierStack:
         returns the newly referenced blocks (promoted into the pool), stopping at the first block no tier has.
 
         First each tier says how many blocks it holds (``_plan``); the cost model decides how many of them
-        to fetch (``plans`` receives its ``FetchPlan``); then a prefetch thread fetches and verifies batch
-        k+1 while this thread places batch k (``_stream_in``).
+        to fetch (``plans`` receives its ``FetchPlan``); then they are fetched, verified and placed batch
+        by batch (``_stream_in``), and a skipped tier the plan probes is timed on one block (``_probe``).
 
         Called WITHOUT the store's lock: the tier reads (a disk read, a Redis round trip) and the copy into
         the pool run unlocked, so other views keep using the store meanwhile; only the bookkeeping before
@@ -255,9 +255,9 @@ class TierStack:
         return segments
 
     def _stream_in(self, namespace, digest, chain, requests, segments, extra_keys, sources) -> list[Block]:
-        """Fetch ``requests`` from their tiers and place them, batch by batch: a prefetch thread reads and
-        verifies the next batch while this thread copies the current one into the pool. The chain stops
-        exactly at the first block that is missing, bad, or fails to place."""
+        """Fetch ``requests`` from their tiers and place them, batch by batch; where ``overlaps()``, a
+        prefetch thread reads and verifies the next batch while this thread copies the current one into the
+        pool. The chain stops exactly at the first block that is missing, bad, or fails to place."""
         with self.store.lock:  # the whole run at once: consecutive ids, read back as one view per layer
             reserved = self._reserve_for(requests)
         requests = requests[: len(reserved)]
@@ -327,7 +327,7 @@ class TierStack:
             wanted = requests[segment.start : segment.start + segment.blocks]
             served = 0
             try:
-                for blocks in tier.stream(digest, wanted[served:], self.batch_blocks):
+                for blocks in tier.stream(digest, wanted, self.batch_blocks):
                     found = []
                     for data in blocks:
                         if served >= len(wanted) or not data.matches(wanted[served]):

@@ -5,6 +5,7 @@ the cost model fetches over a fast link and recomputes over a slow one, from mea
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -49,6 +50,19 @@ def the_tier(cache: PrefixCache, name: str):
     return next(tier for tier in cache.store.tiers.tiers if tier.name == name)
 
 
+def stream_threads(monkeypatch, tier) -> list[str]:
+    """The names of the threads ``tier.stream`` runs on from now on, filled in as it is called."""
+    threads: list[str] = []
+    stream = tier.stream
+
+    def recording(namespace, requests, batch):
+        threads.append(threading.current_thread().name)
+        yield from stream(namespace, requests, batch)
+
+    monkeypatch.setattr(tier, "stream", recording)
+    return threads
+
+
 def warm_prompt(prompt: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.cat([prompt[:, :PREFIX], random_ids(7, seed)], dim=1)
 
@@ -59,15 +73,7 @@ def test_an_overlapped_fetch_is_exact(tier, tmp_path, server, monkeypatch):
     cache = make_cache(model, tier, tmp_path, server)
     prompt = random_ids(PREFIX + 5, 1)
     fill_and_spill(model, cache, prompt)
-    threads: list[str] = []
-    source = the_tier(cache, tier)
-    stream = source.stream
-
-    def recording(namespace, requests, batch):
-        threads.append(threading.current_thread().name)
-        yield from stream(namespace, requests, batch)
-
-    monkeypatch.setattr(source, "stream", recording)
+    threads = stream_threads(monkeypatch, the_tier(cache, tier))
     ids = warm_prompt(prompt, 2)
     assert_same_output(greedy(model, ids), run(model, cache, ids))
     assert cache.last_call.hit_tokens_by_tier == {tier: PREFIX}
@@ -95,8 +101,6 @@ def test_reads_overlap_the_placement_only_where_a_core_is_left_for_them(tmp_path
     """On a CPU pool whose torch threads take every core, the tier's reads and the copies run in turn on
     the calling thread (a prefetch thread there stalls torch's team mid-copy); with a core to spare, or
     a pool off the CPU, they overlap. The sequential path is exact and stops where the tier does."""
-    import os
-
     model = model_for("llama")
     cache = make_cache(model, "disk", tmp_path, None, overlap=None)
     tiers = cache.store.tiers
@@ -114,15 +118,7 @@ def test_reads_overlap_the_placement_only_where_a_core_is_left_for_them(tmp_path
     prompt = random_ids(PREFIX + 5, 1)
     fill_and_spill(model, cache, prompt)
     tiers.overlap = False
-    threads: list[str] = []
-    source = the_tier(cache, "disk")
-    stream = source.stream
-
-    def recording(namespace, requests, batch):
-        threads.append(threading.current_thread().name)
-        yield from stream(namespace, requests, batch)
-
-    monkeypatch.setattr(source, "stream", recording)
+    threads = stream_threads(monkeypatch, the_tier(cache, "disk"))
     ids = warm_prompt(prompt, 2)
     assert_same_output(greedy(model, ids), run(model, cache, ids))
     assert cache.last_call.hit_tokens_by_tier == {"disk": PREFIX}

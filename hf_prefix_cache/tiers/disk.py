@@ -122,8 +122,8 @@ class DiskTier(Tier):
     def stream(
         self, namespace: bytes, requests: Sequence[BlockRequest], batch: int
     ) -> Iterator[list[BlockData]]:
-        """Map and verify ``batch`` entries at a time (the caller copies one batch into the pool while the
-        prefetch thread maps and checksums the next: both release the GIL for most of their work)."""
+        """Map and verify ``batch`` entries at a time (where the store overlaps reads, the caller copies one
+        batch into the pool while a prefetch thread maps and checksums the next)."""
         if not self.usable or self._closed:
             return
         hits = 0

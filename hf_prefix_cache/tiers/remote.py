@@ -14,8 +14,8 @@ share as a prefix cache.
   ``EXISTS`` per batch) and sends only the others, with an optional TTL. Run the server with
   ``maxmemory`` and ``allkeys-lru`` so it evicts instead of refusing writes.
 - **Reads** take two round trips for the rest of a chain: pipelined ``EXISTS`` to find how many leading
-  blocks the server holds (``lookup``), then ``MGET`` of those in batches (``stream``: the store places
-  one batch while a prefetch thread receives the next). Whether to fetch them at all is the cost
+  blocks the server holds (``lookup``), then ``MGET`` of those in batches (``stream``; where the store
+  overlaps reads, it places one batch while a prefetch thread receives the next). Whether to fetch them at all is the cost
   model's decision (``hf_prefix_cache.cost_model``: a slow link recomputes instead); ``min_tokens``,
   when given, overrides it with a fixed threshold: hits shorter than that are not fetched.
 - **Failures** (server down, timeout, connection reset, AUTH, out of memory): every call keeps working
@@ -245,8 +245,8 @@ class RemoteTier(Tier):
         self, namespace: bytes, requests: Sequence[BlockRequest], batch: int
     ) -> Iterator[list[BlockData]]:
         """One MGET per ``batch`` of ``requests`` (which ``lookup`` found), each verified; ends at a gone or
-        bad value. The socket reads release the GIL, so the caller places one batch while this receives
-        the next."""
+        bad value. The socket reads release the GIL, so where the store overlaps reads the caller places
+        one batch while this receives the next."""
         for start in range(0, len(requests), batch):
             chunk = requests[start : start + batch]
             blocks = self._fetch(namespace, chunk)
