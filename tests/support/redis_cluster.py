@@ -74,7 +74,7 @@ class RedisClusterNodes:
             )
         try:
             for node in self.nodes:
-                node.start()
+                self._start_node(node)
             command = [cli, "--cluster", "create", *(f"127.0.0.1:{node.port}" for node in self.nodes)]
             command += ["--cluster-replicas", str(self.replicas), "--cluster-yes"]
             made = subprocess.run(command, capture_output=True, text=True, timeout=60)
@@ -85,6 +85,20 @@ class RedisClusterNodes:
             self.stop()
             raise
         return self
+
+    @staticmethod
+    def _start_node(node: RedisServer, attempts: int = 3) -> None:
+        """Start a node for the first time, on a new pair of ports if it cannot start: another test's
+        server may take either port between ``free_cluster_port``'s probe and this start (seen once in
+        a CI run of parallel mutant jobs)."""
+        for attempt in range(attempts):
+            try:
+                node.start()
+                return
+            except RuntimeError:
+                if attempt == attempts - 1 or shutil.which("redis-server") is None:
+                    raise
+                node.port = free_cluster_port()
 
     def client(self, port: int) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
